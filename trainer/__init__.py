@@ -1,0 +1,1 @@
+"""tokensel trainer: Hydra entry point, TRL adapters, tasks, tracking."""

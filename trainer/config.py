@@ -1,0 +1,228 @@
+"""Compose and validate the configuration before anything heavy is built.
+
+``compose(argv)`` returns a validated config or raises :class:`ConfigError` listing *every* problem at once,
+each with the key, the reason and the closest valid keys. Group choices (``+experiment=quickstart``,
+``objective=grpo``) go through Hydra's defaults list; value overrides (``objective.keep=0.2``) are applied here so
+that errors can be reported well.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from dataclasses import dataclass, fields, is_dataclass
+from pathlib import Path
+from typing import Any
+
+from hydra import compose as hydra_compose
+from hydra import initialize_config_dir
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import HydraException
+from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf.errors import OmegaConfBaseException
+
+import objectives
+
+from .schema import register
+from .tasks import task_config_class
+
+CONFIG_DIR = Path(os.environ.get("TOKENSEL_CONFIG_DIR", Path(__file__).resolve().parent.parent / "configs"))
+OPEN_NODES = ("objective", "task")  # validated against the registered component's dataclass
+
+
+class ConfigError(ValueError):
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+        super().__init__("invalid configuration:\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+@dataclass
+class Resolved:
+    """The validated configuration: the typed tree plus the built component configs."""
+
+    cfg: DictConfig
+    objective: objectives.Objective
+    task_config: Any
+
+
+def groups() -> list[str]:
+    return sorted(p.name for p in CONFIG_DIR.iterdir() if p.is_dir())
+
+
+def experiments() -> dict[str, str]:
+    """Experiment name -> its one-line description."""
+    out = {}
+    for path in sorted((CONFIG_DIR / "experiment").glob("*.yaml")):
+        node = OmegaConf.load(path)
+        out[path.stem] = str(node.get("description", ""))
+    return out
+
+
+def _suggest(key: str, candidates: list[str], prefix: str = "") -> str:
+    close = difflib.get_close_matches(key, candidates, n=3, cutoff=0.5)
+    return f" (did you mean {', '.join(prefix + c for c in close)}?)" if close else f" (valid: {', '.join(candidates)})"
+
+
+def _children(cfg: DictConfig, path: str) -> list[str]:
+    node = OmegaConf.select(cfg, path) if path else cfg
+    return [str(k) for k in node.keys()] if isinstance(node, DictConfig) else []
+
+
+def split_overrides(args: list[str]) -> tuple[list[str], list[Any]]:
+    """Hydra group selections (kept as strings) and value overrides (parsed)."""
+    parsed = OverridesParser.create().parse_overrides(args)
+    group_names = set(groups())
+    group_args, values = [], []
+    for arg, o in zip(args, parsed, strict=True):
+        key = o.key_or_group
+        if key in group_names:
+            group_args.append(arg if o.is_add() or key != "experiment" else "+" + arg)
+        else:
+            values.append(o)
+    return group_args, values
+
+
+def _apply(cfg: DictConfig, override: Any, problems: list[str]) -> None:
+    key, value = override.key_or_group, override.value()
+    parent, _, leaf = key.rpartition(".")
+    top = key.split(".")[0]
+    try:
+        if top in OPEN_NODES and "." in key:
+            with open_dict(cfg):
+                OmegaConf.update(cfg, key, value, merge=True, force_add=True)
+            return
+        if parent and OmegaConf.select(cfg, parent) is None:
+            raise KeyError(parent)
+        if leaf not in _children(cfg, parent):
+            raise KeyError(leaf)
+        OmegaConf.update(cfg, key, value, merge=True)
+    except KeyError:
+        missing = leaf if parent and OmegaConf.select(cfg, parent) is not None else key.split(".")[0]
+        where = parent if missing == leaf else ""
+        prefix = f"{where}." if where else ""
+        problems.append(f"{key}: unknown key{_suggest(missing, _children(cfg, where), prefix)}")
+    except OmegaConfBaseException as e:
+        problems.append(f"{key}: {_reason(e, value)}")
+
+
+def _reason(e: OmegaConfBaseException, value: Any) -> str:
+    msg = str(e).split("\n")[0]
+    return f"invalid value {value!r} ({type(value).__name__}): {msg}"
+
+
+def _check_component(node: dict[str, Any], where: str, cls: type, problems: list[str]) -> Any:
+    """Unknown keys, types and the dataclass's own checks of one component node."""
+    valid = [f.name for f in fields(cls)]
+    before = len(problems)
+    for k in node:
+        if k not in valid:
+            problems.append(f"{where}.{k}: unknown key for {where} {node.get('name')!r}{_suggest(k, valid, where + '.')}")
+    known = {k: v for k, v in node.items() if k in valid}
+    typed = OmegaConf.structured(cls)
+    for k, v in known.items():
+        try:
+            OmegaConf.update(typed, k, v, merge=True)
+        except OmegaConfBaseException as e:
+            problems.append(f"{where}.{k}: {_reason(e, v)}")
+    if len(problems) > before:
+        return None
+    try:
+        return cls(**OmegaConf.to_container(typed, resolve=True))
+    except (ValueError, TypeError) as e:
+        problems.append(f"{where}: {e}")
+        return None
+
+
+def _cross_checks(cfg: DictConfig, objective: objectives.Objective | None, problems: list[str]) -> None:
+    t = cfg.trainer
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if t.num_generations < 2:
+        problems.append(f"trainer.num_generations: GRPO needs at least 2 completions per prompt, got {t.num_generations}")
+    rows = t.prompts_per_step * t.num_generations
+    if rows % (world * t.gradient_accumulation_steps):
+        problems.append(
+            f"trainer.prompts_per_step: {t.prompts_per_step} prompts x {t.num_generations} generations = {rows} rows "
+            f"do not split into world size {world} x gradient_accumulation_steps {t.gradient_accumulation_steps}"
+        )
+    if t.selection_pass not in ("auto", "always", "never"):
+        problems.append(f"trainer.selection_pass: must be auto, always or never, got {t.selection_pass!r}")
+    for name in ("max_steps", "max_completion_length", "gradient_accumulation_steps", "prompts_per_step"):
+        if t[name] < 1:
+            problems.append(f"trainer.{name}: must be >= 1, got {t[name]}")
+    if cfg.tracking.wandb not in ("auto", "online", "offline", "disabled"):
+        problems.append(f"tracking.wandb: must be auto, online, offline or disabled, got {cfg.tracking.wandb!r}")
+    if cfg.model.name_or_path is None and cfg.model.tiny.architecture not in ("qwen2", "llama"):
+        problems.append(f"model.tiny.architecture: must be qwen2 or llama, got {cfg.model.tiny.architecture!r}")
+    if cfg.model.dtype not in ("float32", "bfloat16", "float16"):
+        problems.append(f"model.dtype: must be float32, bfloat16 or float16, got {cfg.model.dtype!r}")
+    if objective is not None:
+        c = objective.config
+        needs_pass = getattr(c, "keep", 1.0) < 1.0 and (getattr(c, "scope", "") != "per_sequence" or t.num_iterations > 1)
+        if needs_pass and t.selection_pass == "never":
+            problems.append(
+                "trainer.selection_pass: 'never' cannot serve objective.scope="
+                f"{getattr(c, 'scope', '')!r} / num_iterations={t.num_iterations}: the selection must be decided "
+                "once per step on the whole step (set selection_pass=auto)"
+            )
+
+
+def compose(args: list[str]) -> Resolved:
+    """Compose ``configs/config.yaml`` with ``args`` (Hydra override syntax) and validate everything."""
+    register()
+    group_args, values = split_overrides(args)
+    try:
+        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+            cfg = hydra_compose("config", overrides=group_args)
+    except (HydraException, OmegaConfBaseException) as e:
+        raise ConfigError([_hydra_problem(e)]) from None
+    problems: list[str] = []
+    for o in values:
+        _apply(cfg, o, problems)
+
+    obj_node = OmegaConf.to_container(cfg.objective, resolve=True)
+    obj_name = obj_node.pop("name", None)
+    objective = None
+    if obj_name not in objectives.REGISTRY:
+        problems.append(f"objective.name: unknown objective {obj_name!r}{_suggest(str(obj_name), objectives.names())}")
+    else:
+        cls = objectives.REGISTRY[obj_name][0]
+        if "max_completion_length" in [f.name for f in fields(cls)]:
+            obj_node.setdefault("max_completion_length", cfg.trainer.max_completion_length)
+        built = _check_component(obj_node | {"name": obj_name}, "objective", _with_name(cls), problems)
+        if built is not None:
+            objective = objectives.build(obj_name, **{k: v for k, v in vars(built).items() if k != "name"})
+
+    task_node = OmegaConf.to_container(cfg.task, resolve=True)
+    task_config = None
+    try:
+        task_cls = task_config_class(str(task_node.get("name")))
+    except KeyError as e:
+        problems.append(f"task.name: {e.args[0]}")
+    else:
+        task_config = _check_component(task_node, "task", task_cls, problems)
+
+    _cross_checks(cfg, objective, problems)
+    if problems:
+        raise ConfigError(problems)
+    return Resolved(cfg=cfg, objective=objective, task_config=task_config)
+
+
+def _with_name(cls: type) -> type:
+    """The objective's dataclass plus the ``name`` key that selects it."""
+    from dataclasses import field, make_dataclass
+
+    assert is_dataclass(cls)
+    return make_dataclass(f"{cls.__name__}Node", [("name", str, field(default=""))], bases=(cls,))
+
+
+def _hydra_problem(e: Exception) -> str:
+    msg = str(e).split("\n")[0]
+    if "experiment" in msg and "Could not find" in msg:
+        return f"experiment: {msg}. Available: {', '.join(experiments())}"
+    for group in groups():
+        if f"'{group}/" in msg or f"{group}=" in msg:
+            options = sorted(p.stem for p in (CONFIG_DIR / group).glob("*.yaml"))
+            return f"{group}: {msg}. Options: {', '.join(options)}"
+    return msg
+
+

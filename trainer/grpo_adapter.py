@@ -1,0 +1,129 @@
+"""TRL adapter: a ``GRPOTrainer`` whose loss is a tokensel objective.
+
+TRL 1.16 internals we rely on (``tests/test_trl_internals.py`` fails loudly if they move):
+
+* ``GRPOTrainer._generate_and_score_completions(inputs) -> dict`` — rollout + reward + advantages for the local
+  slice of the generation batch; rows of one prompt are ``num_generations`` consecutive rows of the *gathered*
+  batch, and the local slice starts at ``process_index * local_rows``.
+* ``GRPOTrainer._compute_loss(model, inputs)`` — returns the loss already scaled for gradient accumulation
+  (``loss_is_scaled_for_ga = True``); the keys ``prompt_ids``, ``prompt_mask``, ``completion_ids``,
+  ``completion_mask``, optional ``tool_mask``, ``advantages``, ``old_per_token_logps``, ``ref_per_token_logps``.
+* ``GRPOTrainer._get_per_token_logps_and_entropies(...)`` — fused LM-head log-probs and entropies.
+* 0-dim tensors in the generation batch survive ``shuffle_sequence_dict`` / ``split_tensor_dict`` unchanged, so
+  step-level counts travel with every micro-batch.
+
+What we add: step-level global counts (``n_seqs_global``, ``n_tokens_global``), ``group_ids`` / ``rollout_ids``
+per row, an optional rollout-time selection pass (``keep`` [B, T], decided once per step on the gathered batch),
+and the objective's metrics under ``objective/<name>/...``.
+"""
+
+from __future__ import annotations
+
+import torch
+from trl import GRPOTrainer
+
+from objectives import Objective, TokenBatch
+from objectives.selection import top_fraction_mask
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The objective produced NaN/inf; raised before the optimizer can corrupt the weights."""
+
+
+class TokenSelectiveGRPOTrainer(GRPOTrainer):
+    """``GRPOTrainer`` + a tokensel objective (see the module docstring for the contract with TRL)."""
+
+    def __init__(self, *args, objective: Objective, selection_pass: bool = False, **kwargs) -> None:
+        self.objective = objective
+        self.selection_pass = selection_pass
+        super().__init__(*args, **kwargs)
+        if self.args.steps_per_generation != self.args.gradient_accumulation_steps:
+            raise ValueError("tokensel needs steps_per_generation == gradient_accumulation_steps (one step per rollout)")
+
+    # ---- rollout: add step-level state -------------------------------------------------------------------------
+    def _generate_and_score_completions(self, inputs):
+        out = super()._generate_and_score_completions(inputs)
+        acc = self.accelerator
+        mask = self._loss_mask(out)
+        local_rows = mask.shape[0]
+        device = mask.device
+        first = acc.process_index * local_rows
+        rollout_ids = torch.arange(first, first + local_rows, device=device)
+        out["rollout_ids"] = rollout_ids
+        out["group_ids"] = rollout_ids // self.num_generations
+        out["n_seqs_global"] = torch.tensor(float(local_rows * acc.num_processes), device=device)
+        out["n_tokens_global"] = acc.gather(mask.sum().float().reshape(1)).sum()
+        if self.selection_pass and self.model.training:
+            out["keep"] = self._step_selection(out, mask)
+        return out
+
+    @staticmethod
+    def _loss_mask(inputs) -> torch.Tensor:
+        mask = inputs["completion_mask"]
+        return mask * inputs["tool_mask"] if "tool_mask" in inputs else mask
+
+    @torch.no_grad()
+    def _step_selection(self, out, mask: torch.Tensor) -> torch.Tensor:
+        """Rank tokens once per step on the old policy's entropy, over the gathered step (any scope)."""
+        cfg = self.objective.config
+        _, entropy, _ = self._statistics(self.model, out, compute_entropy=True)
+        acc = self.accelerator
+        ent = acc.gather(acc.pad_across_processes(entropy, dim=1, pad_index=0.0))
+        m = acc.gather(acc.pad_across_processes(mask, dim=1, pad_index=0))
+        groups = acc.gather(out["group_ids"])
+        keep, _ = top_fraction_mask(ent, m, cfg.keep, cfg.scope, group_ids=groups)
+        rows = mask.shape[0]
+        local = keep[acc.process_index * rows : (acc.process_index + 1) * rows, : mask.shape[1]]
+        return local & mask.bool()
+
+    def _statistics(self, model, inputs, compute_entropy: bool):
+        input_ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
+        attention_mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
+        return self._get_per_token_logps_and_entropies(
+            model, input_ids, attention_mask, inputs["completion_ids"].size(1), compute_entropy=compute_entropy
+        )
+
+    # ---- loss ----------------------------------------------------------------------------------------------------
+    def _compute_loss(self, model, inputs):
+        logp, entropy, _ = self._statistics(model, inputs, compute_entropy=True)
+        mask = self._loss_mask(inputs)
+        max_steps = max(1, self.state.max_steps)
+        batch = TokenBatch(
+            logp=logp,
+            mask=mask,
+            advantages=inputs["advantages"],
+            old_logp=inputs.get("old_per_token_logps"),
+            ref_logp=inputs.get("ref_per_token_logps"),
+            entropy=entropy,
+            old_entropy=entropy.detach(),
+            group_ids=inputs.get("group_ids"),
+            rollout_ids=inputs.get("rollout_ids"),
+            keep=inputs.get("keep"),
+            n_seqs_global=_item(inputs.get("n_seqs_global")),
+            n_tokens_global=_item(inputs.get("n_tokens_global")),
+            progress=self.state.global_step / max_steps,
+        )
+        out = self.objective(batch)
+        if not torch.isfinite(out.loss):
+            raise NonFiniteLossError(
+                f"objective {self.objective.name!r} returned loss {out.loss.item()} at step {self.state.global_step}: "
+                f"logp finite={bool(torch.isfinite(logp[mask.bool()]).all())}, "
+                f"advantages finite={bool(torch.isfinite(inputs['advantages']).all())}"
+            )
+        self._log_objective_metrics(out.metrics, entropy.detach(), mask)
+        # Shares use global denominators; DDP averages gradients over ranks, so undo that average.
+        return out.loss * self.accelerator.num_processes
+
+    def _log_objective_metrics(self, metrics: dict[str, float], entropy: torch.Tensor, mask: torch.Tensor) -> None:
+        mode = "train" if self.model.training else "eval"
+        keys = sorted(metrics)
+        local = torch.tensor([metrics[k] for k in keys], dtype=torch.float64, device=entropy.device)
+        mean = self.accelerator.gather(local.reshape(1, -1)).mean(0)
+        for k, v in zip(keys, mean.tolist(), strict=True):
+            self._metrics[mode][f"objective/{self.objective.name}/{k}"].append(v)
+        sums = self.accelerator.reduce(torch.stack([(entropy * mask).sum(), mask.sum()]).double(), reduction="sum")
+        self._metrics[mode]["entropy"].append((sums[0] / sums[1].clamp(min=1)).item())
+
+
+def _item(x) -> float | None:
+    return None if x is None else float(x.item() if torch.is_tensor(x) else x)

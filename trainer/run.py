@@ -1,0 +1,217 @@
+"""One run, top to bottom: build (model, task, data) -> warm-up -> evaluate -> GRPO -> evaluate -> summary."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from datasets import Dataset
+from omegaconf import OmegaConf
+
+from .config import Resolved
+from .evaluate import accuracy
+from .grpo_adapter import TokenSelectiveGRPOTrainer
+from .modeling import build_model, count_parameters
+from .rewards import task_reward
+from .tasks import TASKS
+from .tracking import MetricsCallback, init_wandb
+from .warmup import cache_key, warm_start
+
+JOB_ID_VARS = ("TOKENSEL_RUN_ID", "SLURM_JOB_ID", "TORCHELASTIC_RUN_ID", "LSB_JOBID", "PBS_JOBID")
+
+
+def run_directory(cfg) -> Path:
+    """``<run.root>/<name>``: the launcher's job id (shared by all ranks), else the experiment name."""
+    name = cfg.run.name
+    if not name:
+        job = next((os.environ[v] for v in JOB_ID_VARS if os.environ.get(v) not in (None, "", "none")), None)
+        name = f"{cfg.experiment or 'run'}-{job}" if job else (cfg.experiment or "run")
+    return Path(cfg.run.root) / name
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    tmp.replace(path)  # atomic: readers never see half a file
+
+
+def run(resolved: Resolved) -> dict[str, Any]:
+    cfg = resolved.cfg
+    start = time.perf_counter()
+    if cfg.run.threads:
+        torch.set_num_threads(cfg.run.threads)
+    seed_everything(cfg.seed)
+    run_dir = run_directory(cfg)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    resolved_cfg = OmegaConf.to_container(cfg, resolve=True)
+    if is_main_process():
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    main = is_main_process()
+
+    # ---- build: model, task, data ------------------------------------------------------------------------------
+    model, tokenizer = build_model(cfg.model, cfg.seed)
+    task = TASKS[resolved.task_config.name][1](resolved.task_config)
+    train_rows, eval_rows = task.splits(cfg.seed)
+    _check_lengths(cfg, tokenizer, train_rows + eval_rows)
+    say = print if main else (lambda *a, **k: None)
+    say(f"[tokensel] {cfg.experiment}: model {cfg.model.name_or_path or 'tiny (local)'} "
+        f"({count_parameters(model) / 1e6:.2f}M params), task {task.name} "
+        f"({len(train_rows)} train / {len(eval_rows)} held-out), objective {resolved.objective.name}")
+
+    # ---- warm-up (cached) ----------------------------------------------------------------------------------------
+    warmup_info: dict[str, Any] = {"enabled": False}
+    if cfg.warmup.enabled:
+        cache_dir = Path(cfg.warmup.cache_dir or Path(cfg.run.root) / ".cache" / "warmup")
+        key = cache_key(resolved_cfg["model"], resolved_cfg["task"], OmegaConf.to_object(cfg.warmup), cfg.seed)
+        model, warmup_info = warm_start(model, tokenizer, train_rows, cfg.warmup, cfg.seed, cache_dir, key)
+        say(f"[tokensel] warm-up {'loaded from cache' if warmup_info['cached'] else 'trained'}: {warmup_info['path']}")
+
+    max_new = cfg.eval.max_new_tokens or cfg.trainer.max_completion_length
+    acc_before = accuracy(model, tokenizer, task, eval_rows, max_new, cfg.eval.batch_size) if cfg.eval.enabled else None
+    if acc_before is not None:
+        say(f"[tokensel] held-out accuracy before RL: {acc_before:.3f}")
+
+    # ---- RL ------------------------------------------------------------------------------------------------------
+    wandb_run = None
+    if main:
+        wandb_run = init_wandb(run_dir, cfg.tracking.wandb, cfg.tracking.project, cfg.tracking.entity,
+                               run_dir.name, resolved_cfg)
+    metrics_path = run_dir / "metrics.jsonl"
+    if main:
+        metrics_path.unlink(missing_ok=True)
+    callback = MetricsCallback(metrics_path, wandb_run, resolved.objective.name)
+    trainer = TokenSelectiveGRPOTrainer(
+        model=model,
+        processing_class=tokenizer,
+        reward_funcs=[task_reward(task)],
+        args=grpo_args(cfg, resolved.objective, run_dir),
+        train_dataset=Dataset.from_list(train_rows),
+        callbacks=[callback],
+        objective=resolved.objective,
+        selection_pass=needs_selection_pass(cfg, resolved.objective),
+    )
+    trainer.train()
+    final_dir = run_dir / "final"
+    trainer.save_model(str(final_dir))
+    if main:
+        tokenizer.save_pretrained(str(final_dir))
+
+    acc_after = accuracy(trainer.model, tokenizer, task, eval_rows, max_new, cfg.eval.batch_size) if cfg.eval.enabled else None
+    summary = {
+        "experiment": cfg.experiment,
+        "accuracy_before": acc_before,
+        "accuracy_after": acc_after,
+        "kept_token_fraction": float(np.mean(callback.kept)) if callback.kept else None,
+        "mean_reward_first_log": callback.rewards[0] if callback.rewards else None,
+        "mean_reward_last_log": callback.rewards[-1] if callback.rewards else None,
+        "rl_steps": trainer.state.global_step,
+        "wall_seconds": round(time.perf_counter() - start, 1),
+        "warmup": warmup_info,
+        "run_dir": str(run_dir),
+        "checkpoint": str(final_dir),
+        "metrics": str(metrics_path),
+        "wandb": None if wandb_run is None else {"id": wandb_run.id, "mode": wandb_run.settings.mode,
+                                                  "dir": str(wandb_run.dir)},
+    }
+    if main:
+        write_json(run_dir / "summary.json", summary)
+        if wandb_run is not None:
+            wandb_run.summary.update({f"eval/accuracy_{k}": summary[f"accuracy_{k}"] for k in ("before", "after")})
+            wandb_run.finish()
+        print_summary(summary)
+    return summary
+
+
+def needs_selection_pass(cfg, objective) -> bool:
+    c = objective.config
+    if cfg.trainer.selection_pass != "auto":
+        return cfg.trainer.selection_pass == "always"
+    return getattr(c, "keep", 1.0) < 1.0 and (getattr(c, "scope", "per_sequence") != "per_sequence"
+                                              or cfg.trainer.num_iterations > 1)
+
+
+def grpo_args(cfg, objective, run_dir: Path):
+    from trl import GRPOConfig
+
+    t = cfg.trainer
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    per_device = t.prompts_per_step * t.num_generations // (world * t.gradient_accumulation_steps)
+    c = objective.config
+    return GRPOConfig(
+        output_dir=str(run_dir / "checkpoints"),
+        max_steps=t.max_steps,
+        learning_rate=t.learning_rate,
+        lr_scheduler_type=t.lr_scheduler_type,
+        warmup_steps=t.warmup_steps,
+        weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm,
+        per_device_train_batch_size=per_device,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        steps_per_generation=t.gradient_accumulation_steps,
+        num_generations=t.num_generations,
+        max_completion_length=t.max_completion_length,
+        temperature=t.temperature,
+        top_p=t.top_p,
+        num_iterations=t.num_iterations,
+        # TRL computes ref log-probs and loads a reference model only when beta > 0.
+        beta=float(getattr(c, "beta", 0.0)),
+        loss_type=getattr(c, "loss_type", "dapo"),
+        epsilon=float(getattr(c, "epsilon_low", 0.2)),
+        epsilon_high=float(getattr(c, "epsilon_high", 0.2)),
+        logging_steps=t.logging_steps,
+        save_strategy="steps" if t.save_steps else "no",
+        save_steps=t.save_steps or 500,
+        report_to=[],
+        seed=cfg.seed,
+        use_cpu=cfg.run.device == "cpu" or not torch.cuda.is_available(),
+        bf16=cfg.model.dtype == "bfloat16" and torch.cuda.is_available(),
+        log_completions=False,
+        disable_tqdm=not is_main_process(),
+        dataloader_num_workers=0,
+    )
+
+
+def _check_lengths(cfg, tokenizer, rows) -> None:
+    if cfg.model.name_or_path:
+        return
+    longest = max(len(tokenizer(r["prompt"], add_special_tokens=False)["input_ids"]) for r in rows)
+    need = longest + cfg.trainer.max_completion_length
+    if need > cfg.model.tiny.max_position_embeddings:
+        raise ValueError(
+            f"longest prompt ({longest} tokens) + trainer.max_completion_length ({cfg.trainer.max_completion_length}) "
+            f"= {need} exceeds model.tiny.max_position_embeddings ({cfg.model.tiny.max_position_embeddings})"
+        )
+
+
+def print_summary(s: dict[str, Any]) -> None:
+    def pct(x):
+        return "n/a" if x is None else f"{100 * x:.1f}%"
+
+    kept = s["kept_token_fraction"]
+    lines = [
+        "",
+        f"== tokensel summary: {s['experiment']} ==",
+        f"held-out accuracy   before RL {pct(s['accuracy_before'])}  ->  after RL {pct(s['accuracy_after'])}",
+        f"kept-token fraction {'n/a' if kept is None else f'{kept:.3f}'}  ({s['rl_steps']} RL steps)",
+        f"wall time           {s['wall_seconds']:.0f} s",
+        f"run directory       {s['run_dir']}  (summary.json, metrics.jsonl, config.yaml)",
+        f"checkpoint          {s['checkpoint']}",
+        f"W&B run             {'disabled' if s['wandb'] is None else s['wandb']['mode'] + ' ' + s['wandb']['dir']}",
+    ]
+    print("\n".join(lines))

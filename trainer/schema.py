@@ -1,0 +1,114 @@
+"""Typed configuration schema, registered in Hydra's ConfigStore and linked from ``configs/config.yaml``.
+
+Every field carries a help string (``metadata["help"]``) with the source of its default. The ``objective`` and
+``task`` nodes are open here and validated against the registered component's own dataclass
+(``objectives.REGISTRY`` / ``trainer.tasks.TASKS``), so a component's config lives in one place.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+
+
+def F(default: Any, help: str, **kw: Any) -> Any:  # noqa: N802 - reads as a field declaration
+    """A dataclass field with a help string."""
+    if isinstance(default, list | dict):
+        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help}, **kw)
+    return field(default=default, metadata={"help": help}, **kw)
+
+
+@dataclass
+class TinyModelConfig:
+    architecture: str = F("qwen2", "qwen2 | llama: transformers architecture of the locally built model")
+    hidden_size: int = F(128, "width of the tiny model")
+    intermediate_size: int = F(384, "MLP width")
+    num_layers: int = F(4, "decoder layers")
+    num_heads: int = F(4, "attention heads (= key/value heads)")
+    max_position_embeddings: int = F(128, "longest prompt + completion the tiny model handles")
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str | None = F(None, "HF hub id or local directory; null builds the tiny model locally (offline)")
+    tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
+    dtype: str = F("float32", "float32 | bfloat16 | float16 (float32 on CPU)")
+    attn_implementation: str = F("sdpa", "eager | sdpa | flash_attention_2")
+    trust_remote_code: bool = F(False, "passed to from_pretrained")
+
+
+@dataclass
+class WarmupConfig:
+    enabled: bool = F(True, "supervised warm-up on the task's solutions before RL (cached by content hash)")
+    steps: int = F(300, "optimizer steps of the warm-up")
+    batch_size: int = F(64, "sequences per warm-up step")
+    learning_rate: float = F(3e-3, "AdamW learning rate of the warm-up (tiny model from scratch)")
+    cache: bool = F(True, "reuse a warm-up with the same model, task and settings")
+    cache_dir: str | None = F(None, "where cached warm-ups live; null -> <run.root>/.cache/warmup")
+
+
+@dataclass
+class GRPOTrainerConfig:
+    max_steps: int = F(100, "optimizer steps of RL")
+    learning_rate: float = F(1e-6, "AdamW learning rate; TRL GRPOConfig default 1e-6")
+    lr_scheduler_type: str = F("constant", "transformers scheduler name")
+    warmup_steps: float = F(0.0, "linear LR warm-up: steps (>= 1) or a fraction of max_steps (< 1)")
+    weight_decay: float = F(0.0, "AdamW weight decay")
+    max_grad_norm: float = F(1.0, "gradient clipping; TRL default 1.0")
+    prompts_per_step: int = F(16, "distinct prompts per optimizer step (all ranks, all micro-batches)")
+    num_generations: int = F(8, "completions per prompt (the GRPO group size G); TRL default 8")
+    gradient_accumulation_steps: int = F(1, "micro-batches per optimizer step per rank")
+    max_completion_length: int = F(16, "T_max: longest completion generated")
+    temperature: float = F(1.0, "sampling temperature of rollouts (entropies use the same temperature)")
+    top_p: float = F(1.0, "nucleus sampling of rollouts")
+    num_iterations: int = F(1, "PPO epochs per generation batch (TRL's mu)")
+    logging_steps: int = F(5, "log every N optimizer steps")
+    save_steps: int = F(0, "checkpoint every N steps; 0 = only at the end")
+    selection_pass: str = F(
+        "auto",
+        "auto | always | never: compute the step's token selection from a no-grad statistics pass at rollout "
+        "time (needed for per_group / global_batch scopes); auto = when the scope needs it",
+    )
+
+
+@dataclass
+class EvalConfig:
+    enabled: bool = F(True, "held-out accuracy before and after RL")
+    batch_size: int = F(256, "prompts per generation batch during evaluation")
+    max_new_tokens: int | None = F(None, "null -> trainer.max_completion_length")
+
+
+@dataclass
+class TrackingConfig:
+    wandb: str = F("auto", "auto | online | offline | disabled: auto is online with an API key, else offline")
+    project: str = F("tokensel", "W&B project")
+    entity: str | None = F(None, "W&B entity")
+
+
+@dataclass
+class RunConfig:
+    name: str | None = F(None, "run name; null -> the launcher's job id, else the experiment name")
+    root: str = F("runs", "directory holding run directories")
+    device: str = F("auto", "auto | cpu | cuda")
+    threads: int | None = F(None, "torch CPU threads; null = torch default")
+
+
+@dataclass
+class TokenselConfig:
+    experiment: str = F("", "experiment name (set by the experiment file)")
+    description: str = F("", "one line on what the experiment shows")
+    seed: int = F(0, "seed of model init, data, warm-up and sampling")
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    task: Any = F({"name": "arithmetic"}, "task node, validated against the task's own dataclass")
+    objective: Any = F({"name": "grpo"}, "objective node, validated against the objective's own dataclass")
+    warmup: WarmupConfig = field(default_factory=WarmupConfig)
+    trainer: GRPOTrainerConfig = field(default_factory=GRPOTrainerConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+
+def register() -> None:
+    ConfigStore.instance().store(name="tokensel_schema", node=TokenselConfig)

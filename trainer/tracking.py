@@ -1,0 +1,114 @@
+"""Tracking: a JSONL metrics file always; W&B on rank 0 only, offline unless an API key is configured.
+
+The W&B run id is stored in the run directory (``wandb_run_id``), so a resumed run continues the same W&B run.
+Metric names: ``objective/<name>/...`` as the objective reports them, everything else from TRL under ``train/``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import secrets
+from pathlib import Path
+from typing import Any
+
+from transformers import TrainerCallback
+
+
+def wandb_mode(setting: str) -> str:
+    """auto -> online when an API key is configured (env or ~/.netrc), else offline."""
+    if setting != "auto":
+        return setting
+    netrc = Path.home() / ".netrc"
+    has_key = bool(os.environ.get("WANDB_API_KEY")) or (netrc.exists() and "api.wandb.ai" in netrc.read_text())
+    return "online" if has_key else "offline"
+
+
+def init_wandb(run_dir: Path, setting: str, project: str, entity: str | None, name: str, config: dict[str, Any]):
+    """Start (or resume) the W&B run of ``run_dir``; ``None`` when disabled. Call on rank 0 only."""
+    mode = wandb_mode(setting)
+    if mode == "disabled":
+        return None
+    import wandb
+
+    id_file = run_dir / "wandb_run_id"
+    run_id = id_file.read_text().strip() if id_file.exists() else secrets.token_hex(4)
+    id_file.write_text(run_id)
+    return wandb.init(
+        project=project,
+        entity=entity,
+        name=name,
+        id=run_id,
+        resume="allow",
+        mode=mode,
+        dir=str(run_dir),
+        config=config,
+        settings=wandb.Settings(silent=True, console="off"),
+    )
+
+
+def metric_name(key: str) -> str:
+    return key if key.startswith(("objective/", "train/", "eval/", "timing/")) else f"train/{key}"
+
+
+class MetricsCallback(TrainerCallback):
+    """Writes every TRL log to ``metrics.jsonl`` (and W&B) on the main process; keeps what the summary needs."""
+
+    def __init__(self, path: Path, wandb_run=None, objective_name: str = "") -> None:
+        self.path = path
+        self.wandb_run = wandb_run
+        self.kept_key = f"objective/{objective_name}/kept_token_frac"
+        self.kept: list[float] = []
+        self.rewards: list[float] = []
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs:
+            return
+        record = {metric_name(k): v for k, v in logs.items() if _is_number(v)}
+        if self.kept_key in record:
+            self.kept.append(record[self.kept_key])
+        if "train/reward" in record:
+            self.rewards.append(record["train/reward"])
+        with self.path.open("a") as f:
+            f.write(json.dumps({"step": state.global_step, **record}) + "\n")
+        if self.wandb_run is not None:
+            self.wandb_run.log(record, step=state.global_step)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def read_wandb_history(path: Path | str) -> list[dict[str, Any]]:
+    """History rows of a W&B run file (``run-<id>.wandb``), read offline without the W&B service.
+
+    The file is a LevelDB-style log (a 7-byte ``:W&B`` header, 32 KiB blocks, 7-byte record headers) of protobuf
+    ``Record`` messages; ``history`` records hold the logged metrics as JSON values.
+    """
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    data = Path(path).read_bytes()
+    if data[:4] != b":W&B":
+        raise ValueError(f"{path}: not a W&B run file")
+    block, pos, pending, rows = 32768, 7, b"", []
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # block trailer too small for a header: skip to the next block
+            pos += block - pos % block
+            continue
+        length = int.from_bytes(data[pos + 4 : pos + 6], "little")
+        kind = data[pos + 6]
+        chunk = data[pos + 7 : pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 2):  # FULL, FIRST
+            pending = chunk
+        elif kind in (3, 4):  # MIDDLE, LAST
+            pending += chunk
+        if kind in (1, 4) and pending:
+            record = pb.Record()
+            record.ParseFromString(pending)
+            if record.WhichOneof("record_type") == "history":
+                rows.append({item.key or "/".join(item.nested_key): json.loads(item.value_json)
+                             for item in record.history.item})
+            pending = b""
+    return rows
