@@ -65,7 +65,7 @@ def _suggest(key: str, candidates: list[str], prefix: str = "") -> str:
 
 def _children(cfg: DictConfig, path: str) -> list[str]:
     node = OmegaConf.select(cfg, path) if path else cfg
-    return [str(k) for k in node.keys()] if isinstance(node, DictConfig) else []
+    return [str(k) for k in node] if isinstance(node, DictConfig) else []
 
 
 def split_overrides(args: list[str]) -> tuple[list[str], list[Any]]:
@@ -149,6 +149,10 @@ def _cross_checks(cfg: DictConfig, objective: objectives.Objective | None, probl
     for name in ("max_steps", "max_completion_length", "gradient_accumulation_steps", "prompts_per_step"):
         if t[name] < 1:
             problems.append(f"trainer.{name}: must be >= 1, got {t[name]}")
+    if cfg.eval.metric not in ("sampled", "greedy"):
+        problems.append(f"eval.metric: must be sampled or greedy, got {cfg.eval.metric!r}")
+    if cfg.eval.metric == "sampled" and cfg.eval.samples < 1:
+        problems.append("eval.samples: the sampled metric needs eval.samples >= 1 (or set eval.metric=greedy)")
     if cfg.tracking.wandb not in ("auto", "online", "offline", "disabled"):
         problems.append(f"tracking.wandb: must be auto, online, offline or disabled, got {cfg.tracking.wandb!r}")
     if cfg.model.name_or_path is None and cfg.model.tiny.architecture not in ("qwen2", "llama"):

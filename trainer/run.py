@@ -15,7 +15,7 @@ from datasets import Dataset
 from omegaconf import OmegaConf
 
 from .config import Resolved
-from .evaluate import accuracy
+from .evaluate import evaluate
 from .grpo_adapter import TokenSelectiveGRPOTrainer
 from .modeling import build_model, count_parameters
 from .rewards import task_reward
@@ -82,10 +82,16 @@ def run(resolved: Resolved) -> dict[str, Any]:
         model, warmup_info = warm_start(model, tokenizer, train_rows, cfg.warmup, cfg.seed, cache_dir, key)
         say(f"[tokensel] warm-up {'loaded from cache' if warmup_info['cached'] else 'trained'}: {warmup_info['path']}")
 
-    max_new = cfg.eval.max_new_tokens or cfg.trainer.max_completion_length
-    acc_before = accuracy(model, tokenizer, task, eval_rows, max_new, cfg.eval.batch_size) if cfg.eval.enabled else None
-    if acc_before is not None:
-        say(f"[tokensel] held-out accuracy before RL: {acc_before:.3f}")
+    def held_out(m) -> dict[str, float]:
+        if not cfg.eval.enabled:
+            return {}
+        return evaluate(m, tokenizer, task, eval_rows, max_new_tokens=cfg.eval.max_new_tokens or
+                        cfg.trainer.max_completion_length, batch_size=cfg.eval.batch_size, samples=cfg.eval.samples,
+                        temperature=cfg.eval.temperature or cfg.trainer.temperature, seed=cfg.seed)
+
+    before = held_out(model)
+    if before:
+        say(f"[tokensel] held-out accuracy before RL: {_fmt(before)}")
 
     # ---- RL ------------------------------------------------------------------------------------------------------
     wandb_run = None
@@ -112,11 +118,20 @@ def run(resolved: Resolved) -> dict[str, Any]:
     if main:
         tokenizer.save_pretrained(str(final_dir))
 
-    acc_after = accuracy(trainer.model, tokenizer, task, eval_rows, max_new, cfg.eval.batch_size) if cfg.eval.enabled else None
+    after = held_out(trainer.model)
+    metric = cfg.eval.metric
     summary = {
         "experiment": cfg.experiment,
-        "accuracy_before": acc_before,
-        "accuracy_after": acc_after,
+        "accuracy_metric": f"{metric} Pass@1" + (f" (mean of {cfg.eval.samples} samples per prompt at T="
+                                                  f"{cfg.eval.temperature or cfg.trainer.temperature})"
+                                                  if metric == "sampled" else " (greedy decoding)"),
+        "accuracy_before": before.get(metric),
+        "accuracy_after": after.get(metric),
+        "greedy_accuracy_before": before.get("greedy"),
+        "greedy_accuracy_after": after.get("greedy"),
+        "sampled_accuracy_before": before.get("sampled"),
+        "sampled_accuracy_after": after.get("sampled"),
+        "held_out_prompts": len(eval_rows),
         "kept_token_fraction": float(np.mean(callback.kept)) if callback.kept else None,
         "mean_reward_first_log": callback.rewards[0] if callback.rewards else None,
         "mean_reward_last_log": callback.rewards[-1] if callback.rewards else None,
@@ -132,7 +147,7 @@ def run(resolved: Resolved) -> dict[str, Any]:
     if main:
         write_json(run_dir / "summary.json", summary)
         if wandb_run is not None:
-            wandb_run.summary.update({f"eval/accuracy_{k}": summary[f"accuracy_{k}"] for k in ("before", "after")})
+            wandb_run.summary.update({f"eval/{k}": v for k, v in summary.items() if "accuracy_" in k and v is not None})
             wandb_run.finish()
         print_summary(summary)
     return summary
@@ -199,6 +214,10 @@ def _check_lengths(cfg, tokenizer, rows) -> None:
         )
 
 
+def _fmt(acc: dict[str, float]) -> str:
+    return ", ".join(f"{k} {100 * v:.1f}%" for k, v in acc.items())
+
+
 def print_summary(s: dict[str, Any]) -> None:
     def pct(x):
         return "n/a" if x is None else f"{100 * x:.1f}%"
@@ -207,7 +226,10 @@ def print_summary(s: dict[str, Any]) -> None:
     lines = [
         "",
         f"== tokensel summary: {s['experiment']} ==",
-        f"held-out accuracy   before RL {pct(s['accuracy_before'])}  ->  after RL {pct(s['accuracy_after'])}",
+        f"held-out accuracy   before RL {pct(s['accuracy_before'])}  ->  after RL {pct(s['accuracy_after'])}"
+        f"  [{s['accuracy_metric']}, {s['held_out_prompts']} prompts]",
+        f"greedy accuracy     before RL {pct(s['greedy_accuracy_before'])}  ->  after RL "
+        f"{pct(s['greedy_accuracy_after'])}",
         f"kept-token fraction {'n/a' if kept is None else f'{kept:.3f}'}  ({s['rl_steps']} RL steps)",
         f"wall time           {s['wall_seconds']:.0f} s",
         f"run directory       {s['run_dir']}  (summary.json, metrics.jsonl, config.yaml)",

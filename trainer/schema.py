@@ -77,6 +77,9 @@ class GRPOTrainerConfig:
 class EvalConfig:
     enabled: bool = F(True, "held-out accuracy before and after RL")
     batch_size: int = F(256, "prompts per generation batch during evaluation")
+    metric: str = F("sampled", "sampled | greedy: which Pass@1 estimate the summary reports as accuracy")
+    samples: int = F(4, "completions per held-out prompt for the sampled estimate (avg@k); 0 = greedy only")
+    temperature: float | None = F(None, "sampling temperature of the sampled estimate; null = trainer.temperature")
     max_new_tokens: int | None = F(None, "null -> trainer.max_completion_length")
 
 

@@ -31,12 +31,11 @@ class Task:
         raise TypeError(f"task {self.name!r} has no generator; give it a data source")
 
     def splits(self, seed: int) -> tuple[list[Row], list[Row]]:
-        """Train and held-out rows. Synthetic tasks draw fresh problems; held-out prompts never occur in train."""
-        rng = random.Random(seed)
-        train = [self.make_row(rng) for _ in range(self.config.train_size)]
-        seen = {r["prompt"] for r in train}
-        held_out: list[Row] = []
+        """Train and held-out rows. The held-out set is drawn first (an unbiased sample of the task's
+        distribution, distinct prompts); training problems are fresh draws that skip the held-out prompts."""
         eval_rng = random.Random(seed + 7919)
+        held_out: list[Row] = []
+        seen: set[str] = set()
         for _ in range(100 * max(1, self.config.eval_size)):
             if len(held_out) == self.config.eval_size:
                 break
@@ -46,9 +45,19 @@ class Task:
                 held_out.append(row)
         if len(held_out) < self.config.eval_size:
             raise ValueError(
-                f"task {self.name!r}: only {len(held_out)} held-out problems differ from the training set; "
-                "make the task harder or train_size smaller"
+                f"task {self.name!r}: only {len(held_out)} distinct held-out problems exist; "
+                "make the task harder or eval_size smaller"
             )
+        rng = random.Random(seed)
+        train: list[Row] = []
+        for _ in range(100 * max(1, self.config.train_size)):
+            if len(train) == self.config.train_size:
+                break
+            row = self.make_row(rng)
+            if row["prompt"] not in seen:
+                train.append(row)
+        if len(train) < self.config.train_size:
+            raise ValueError(f"task {self.name!r}: too few problems outside the held-out set; lower train_size")
         return train, held_out
 
     # ---- answers ----------------------------------------------------------------------------------------------

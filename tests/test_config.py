@@ -1,0 +1,121 @@
+"""Configuration: every experiment composes; bad keys, types and combinations fail before any model loads."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from trainer.config import CONFIG_DIR, ConfigError, compose, experiments
+
+ROOT = Path(__file__).resolve().parent.parent
+EXPERIMENTS = sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_every_experiment_composes(name):
+    r = compose([f"+experiment={name}"])
+    assert r.cfg.experiment == name
+    assert r.cfg.description, "every experiment says in one line what it shows"
+    assert r.objective.name in ("grpo",)
+
+
+def test_experiment_list_has_descriptions():
+    assert set(experiments()) == set(EXPERIMENTS)
+
+
+def test_overrides_reach_components():
+    r = compose(["+experiment=quickstart", "objective.keep=0.5", "objective.scope=global_batch", "seed=3",
+                 "task.max_digits=2", "trainer.max_steps=7"])
+    assert r.objective.config.keep == 0.5 and r.objective.config.scope == "global_batch"
+    assert r.cfg.seed == 3 and r.cfg.trainer.max_steps == 7 and r.task_config.max_digits == 2
+    assert r.objective.config.max_completion_length == r.cfg.trainer.max_completion_length
+
+
+def test_group_override():
+    r = compose(["+experiment=countdown", "objective=grpo", "task=arithmetic"])
+    assert r.objective.config.keep == 1.0 and r.task_config.name == "arithmetic"
+
+
+def test_task_keys_must_fit_the_chosen_task():
+    with pytest.raises(ConfigError, match="task.max_digits: unknown key for task 'countdown'"):
+        compose(["+experiment=quickstart", "task=countdown", "task.max_digits=2"])
+
+
+def problems(*args):
+    with pytest.raises(ConfigError) as e:
+        compose(["+experiment=quickstart", *args])
+    return e.value.problems
+
+
+def test_wrong_type_names_key_and_reason():
+    (p,) = problems("seed=abc")
+    assert p.startswith("seed:") and "'abc'" in p and "Integer" in p
+
+
+def test_unknown_objective_key_suggests_closest():
+    (p,) = problems("objective.kepp=0.2")
+    assert p.startswith("objective.kepp:") and "unknown key" in p and "objective.keep" in p
+
+
+def test_unknown_nested_key_suggests_closest():
+    (p,) = problems("trainer.max_step=3")
+    assert "trainer.max_step: unknown key" in p and "trainer.max_steps" in p
+
+
+def test_unknown_top_level_key():
+    (p,) = problems("sed=1")
+    assert p.startswith("sed: unknown key") and "seed" in p
+
+
+def test_all_errors_reported_at_once():
+    ps = problems("seed=abc", "objective.kepp=0.2", "task.max_digitz=2", "trainer.num_generations=1")
+    assert len(ps) == 4
+    assert any("task.max_digitz" in p and "task.max_digits" in p for p in ps)
+    assert any("num_generations" in p and "at least 2" in p for p in ps)
+
+
+def test_objective_value_checks():
+    (p,) = problems("objective.keep=1.5")
+    assert p.startswith("objective:") and "keep" in p
+    (p,) = problems("objective.keep=abc")
+    assert p.startswith("objective.keep:") and "'abc'" in p
+
+
+def test_impossible_combinations():
+    (p,) = problems("trainer.prompts_per_step=3", "trainer.num_generations=3", "trainer.gradient_accumulation_steps=2")
+    assert p.startswith("trainer.prompts_per_step") and "gradient_accumulation_steps" in p
+    (p,) = problems("objective.scope=global_batch", "trainer.selection_pass=never")
+    assert p.startswith("trainer.selection_pass")
+
+
+def test_unknown_experiment_and_group_option():
+    with pytest.raises(ConfigError, match="Available: .*quickstart"):
+        compose(["+experiment=quickstrat"])
+    with pytest.raises(ConfigError, match="Options: .*grpo_forking"):
+        compose(["+experiment=quickstart", "objective=grpo_forkin"])
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "trainer", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_cli_errors_exit_nonzero_before_model_loads():
+    p = run_cli("+experiment=quickstart", "seed=abc", "objective.kepp=0.2")
+    assert p.returncode == 2
+    assert "seed:" in p.stderr and "objective.keep" in p.stderr
+    assert "warm-up" not in p.stdout and "[tokensel]" not in p.stdout  # nothing was built
+
+
+def test_cli_without_experiment_lists_them():
+    p = run_cli()
+    assert p.returncode == 2
+    for name in EXPERIMENTS:
+        assert name in p.stdout
+
+
+def test_cli_accepts_deepspeed_local_rank():
+    p = run_cli("--local_rank=0", "+experiment=quickstart", "--cfg")
+    assert p.returncode == 0, p.stderr
+    assert "experiment: quickstart" in p.stdout

@@ -1,0 +1,111 @@
+"""End-to-end: the real entry point on the tiny model, a few steps (seconds), plus the quickstart itself."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from trainer.__main__ import main
+from trainer.tracking import read_wandb_history
+
+ROOT = Path(__file__).resolve().parent.parent
+SMALL = [
+    "warmup.steps=30", "trainer.max_steps=3", "trainer.prompts_per_step=4", "trainer.num_generations=4",
+    "trainer.logging_steps=1", "task.train_size=64", "task.eval_size=16", "eval.batch_size=16",
+]
+
+pytestmark = pytest.mark.e2e
+
+
+def run_small(tmp_path, *extra, experiment="quickstart"):
+    assert main([f"+experiment={experiment}", f"run.root={tmp_path}", *SMALL, *extra]) == 0
+    run_dir = tmp_path / (experiment if "run.name=" not in " ".join(extra) else extra[-1].split("=")[1])
+    return run_dir, json.loads((run_dir / "summary.json").read_text())
+
+
+def test_quickstart_small_writes_summary_metrics_wandb_checkpoint(tmp_path, monkeypatch):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    run_dir, summary = run_small(tmp_path, "tracking.wandb=auto")
+    for key in ("accuracy_before", "accuracy_after", "kept_token_fraction", "wall_seconds"):
+        assert summary[key] is not None, key
+    assert 0.0 <= summary["accuracy_before"] <= 1.0 and 0.0 < summary["kept_token_fraction"] < 1.0
+    assert summary["rl_steps"] == 3
+
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert any("objective/grpo/kept_token_frac" in m for m in metrics)
+    assert any("train/reward" in m for m in metrics)
+
+    # W&B ran offline (no API key) and its run file reads back with the objective's metrics.
+    assert summary["wandb"]["mode"] == "offline"
+    run_id = (run_dir / "wandb_run_id").read_text()
+    assert summary["wandb"]["id"] == run_id
+    (wandb_file,) = list((run_dir / "wandb").glob(f"offline-run-*-{run_id}/run-{run_id}.wandb"))
+    history = read_wandb_history(wandb_file)
+    assert any(k.startswith("objective/grpo/") for row in history for k in row)
+    kept = [row["objective/grpo/kept_token_frac"] for row in history if "objective/grpo/kept_token_frac" in row]
+    assert len(kept) == 3 and all(0 < k < 1 for k in kept)
+
+    # The checkpoint reloads with the stock Auto classes.
+    model = AutoModelForCausalLM.from_pretrained(run_dir / "final")
+    tok = AutoTokenizer.from_pretrained(run_dir / "final")
+    with torch.no_grad():
+        assert model(**tok("1+2=", return_tensors="pt")).logits.isfinite().all()
+
+    # The second run reuses the cached warm-up, and keeps the W&B run id of the run directory.
+    _, again = run_small(tmp_path, "tracking.wandb=offline")
+    assert again["warmup"]["cached"] is True and summary["warmup"]["cached"] is False
+    assert again["accuracy_before"] == summary["accuracy_before"]
+    assert again["wandb"]["id"] == run_id
+
+
+@pytest.mark.parametrize("scope", ["global_batch", "per_group"])
+def test_step_level_selection_pass(tmp_path, scope):
+    _, summary = run_small(tmp_path, f"objective.scope={scope}", "tracking.wandb=disabled")
+    assert 0.0 < summary["kept_token_fraction"] < 1.0
+
+
+def test_local_model_dir_and_local_jsonl(tmp_path):
+    """Real-use path: model.name_or_path=<dir> and task=file with a local JSONL go through the same code."""
+    from trainer.modeling import build_model
+    from trainer.schema import ModelConfig
+
+    model, tok = build_model(ModelConfig(), seed=1)
+    model_dir = tmp_path / "my-model"
+    model.save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    data = tmp_path / "sums.jsonl"
+    data.write_text("".join(json.dumps({"question": f"{a}+{a + 1}=", "result": 2 * a + 1}) + "\n" for a in range(60)))
+    args = [
+        "model=hf", f"model.name_or_path={model_dir}", "model.dtype=float32",
+        "task=file", f"task.source={data}", "task.prompt_field=question", "task.answer_field=result",
+        "task.answer_format=number", "task.eval_size=8", "tracking.wandb=disabled", "run.name=local",
+    ]
+    run_dir, summary = run_small(tmp_path, *args)
+    assert summary["rl_steps"] == 3 and (run_dir / "final" / "config.json").exists()
+    assert "task: file" not in (run_dir / "config.yaml").read_text()  # resolved config, not the group name
+    assert str(data) in (run_dir / "config.yaml").read_text()
+
+
+def test_no_cuda_wheels_in_environment():
+    """The install must stay CPU-only on a CPU machine (no nvidia-* wheels pulled by an unpinned torch)."""
+    out = subprocess.run([sys.executable, "-m", "pip", "list", "--format=json"], capture_output=True, text=True)
+    names = [p["name"].lower() for p in json.loads(out.stdout)]
+    assert not [n for n in names if n.startswith("nvidia-")]
+    assert "+cpu" in torch.__version__ or torch.cuda.is_available()
+
+
+@pytest.mark.skipif(os.environ.get("TOKENSEL_SKIP_QUICKSTART") == "1", reason="TOKENSEL_SKIP_QUICKSTART=1")
+def test_quickstart_learns(tmp_path):
+    """The README's quickstart, unchanged: held-out accuracy rises by >= 10 points from a 10-80 % warm start."""
+    env = os.environ | {"TQDM_DISABLE": "1"}
+    p = subprocess.run([sys.executable, "-m", "trainer", "+experiment=quickstart", f"run.root={tmp_path}",
+                        "tracking.wandb=disabled"], cwd=ROOT, capture_output=True, text=True, env=env, timeout=900)
+    assert p.returncode == 0, p.stderr[-3000:]
+    s = json.loads((tmp_path / "quickstart" / "summary.json").read_text())
+    assert 0.10 <= s["accuracy_before"] <= 0.80, s
+    assert s["accuracy_after"] >= s["accuracy_before"] + 0.10, s
