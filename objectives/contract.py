@@ -40,7 +40,6 @@ class TokenBatch:
     # Global denominators of the optimizer step; None -> counted on this batch (exact only if it is the step).
     n_seqs_global: float | None = None
     n_tokens_global: float | None = None
-    extras: dict[str, Tensor] = field(default_factory=dict)  # objective-specific precomputed state
 
     def __post_init__(self) -> None:
         if self.logp.dim() != 2:

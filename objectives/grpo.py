@@ -66,16 +66,6 @@ class GRPOConfig:
         if self.loss_type == "dr_grpo" and not self.max_completion_length:
             raise ValueError("loss_type='dr_grpo' needs max_completion_length")
 
-    @property
-    def needs(self) -> frozenset[str]:
-        """TokenBatch fields beyond logp/mask/advantages this configuration reads."""
-        need = set()
-        if self.keep < 1.0:
-            need.add("old_entropy")
-        if self.beta > 0:
-            need.add("ref_logp")
-        return frozenset(need)
-
 
 def clipped_policy_loss(logp: Tensor, old_logp: Tensor, adv: Tensor, eps_low: float, eps_high: float) -> Tensor:
     """Per-token PPO-clip loss ``−min(ρA, clip(ρ)A)`` (TRL's sign: a loss to minimise)."""

@@ -30,10 +30,6 @@ class Objective:
     def __call__(self, batch: TokenBatch) -> ObjectiveOutput:
         return self.fn(batch, self.config)
 
-    @property
-    def needs(self) -> frozenset[str]:
-        return getattr(self.config, "needs", frozenset())
-
 
 def config_fields(name: str) -> dict[str, Any]:
     """Field name -> default of an objective's config (``MISSING`` where required)."""

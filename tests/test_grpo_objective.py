@@ -140,7 +140,7 @@ def test_config_errors():
 
 def test_registry():
     obj = objectives.build("grpo", keep=0.2)
-    assert obj.name == "grpo" and obj.config.keep == 0.2 and "old_entropy" in obj.needs
+    assert obj.name == "grpo" and obj.config.keep == 0.2
     with pytest.raises(KeyError, match="registered: grpo"):
         objectives.build("gpro")
     with pytest.raises(TypeError, match="did you mean keep"):

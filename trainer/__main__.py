@@ -12,11 +12,14 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 
 
 def main(argv: list[str] | None = None) -> int:
     args = [a for a in (sys.argv[1:] if argv is None else argv) if not a.startswith("--local_rank")]
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    # Upstream deprecations raised inside TRL/transformers calls we do not control; they bury the run's output.
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"(transformers|trl)\.")
     from .config import ConfigError, compose, experiments
 
     if not any(a.lstrip("+").startswith("experiment=") for a in args) or "--help" in args or "-h" in args:

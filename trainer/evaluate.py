@@ -31,7 +31,7 @@ def generate_completions(
     torch.manual_seed(seed)  # sampled evaluation is reproducible and does not disturb the training RNG
     sampling = {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0} if temperature > 0 else {
         "do_sample": False}
-    for start in tqdm(range(0, len(prompts), batch_size), desc=desc, leave=False, disable=len(prompts) <= batch_size):
+    for start in tqdm(range(0, len(prompts), batch_size), desc=desc, leave=False):
         enc = tokenizer(prompts[start : start + batch_size], return_tensors="pt", padding=True).to(device)
         gen = model.generate(
             **enc, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,

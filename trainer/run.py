@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from datasets import Dataset
 from omegaconf import OmegaConf
+from transformers.trainer_callback import ProgressCallback
 
 from .config import Resolved
 from .evaluate import evaluate
@@ -20,7 +21,7 @@ from .grpo_adapter import TokenSelectiveGRPOTrainer
 from .modeling import build_model, count_parameters
 from .rewards import task_reward
 from .tasks import TASKS
-from .tracking import MetricsCallback, init_wandb
+from .tracking import CompactProgress, MetricsCallback, init_wandb
 from .warmup import cache_key, warm_start
 
 JOB_ID_VARS = ("TOKENSEL_RUN_ID", "SLURM_JOB_ID", "TORCHELASTIC_RUN_ID", "LSB_JOBID", "PBS_JOBID")
@@ -112,6 +113,8 @@ def run(resolved: Resolved) -> dict[str, Any]:
         objective=resolved.objective,
         selection_pass=needs_selection_pass(cfg, resolved.objective),
     )
+    if trainer.pop_callback(ProgressCallback) is not None:  # None when tqdm is disabled (non-zero ranks)
+        trainer.add_callback(CompactProgress(resolved.objective.name))
     trainer.train()
     final_dir = run_dir / "final"
     trainer.save_model(str(final_dir))

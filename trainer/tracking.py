@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from transformers import TrainerCallback
+from transformers.trainer_callback import ProgressCallback
 
 
 def wandb_mode(setting: str) -> str:
@@ -74,6 +75,23 @@ class MetricsCallback(TrainerCallback):
             f.write(json.dumps({"step": state.global_step, **record}) + "\n")
         if self.wandb_run is not None:
             self.wandb_run.log(record, step=state.global_step)
+
+
+class CompactProgress(ProgressCallback):
+    """The RL progress bar with reward and kept fraction in its postfix, instead of a printed dict per log.
+
+    Every logged value still goes to ``metrics.jsonl`` and W&B (:class:`MetricsCallback`).
+    """
+
+    def __init__(self, objective_name: str = "") -> None:
+        super().__init__()
+        self.kept_key = f"objective/{objective_name}/kept_token_frac"
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or self.training_bar is None or not logs:
+            return
+        shown = {"reward": logs.get("reward"), "kept": logs.get(self.kept_key), "loss": logs.get("loss")}
+        self.training_bar.set_postfix({k: f"{v:.3g}" for k, v in shown.items() if _is_number(v)}, refresh=False)
 
 
 def _is_number(v: Any) -> bool:
