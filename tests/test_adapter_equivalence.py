@@ -38,4 +38,5 @@ def test_same_updates_as_trl(tmp_path, loss_type):
     assert [h["reward"] for h in our_logs] == [h["reward"] for h in ref_logs]
     for a, b in zip(ours.model.parameters(), ref.model.parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert ours.kernel_stats  # the statistics came from kernels.token_stats, not TRL's fused head
     assert any("objective/grpo/kept_token_frac" in h for h in ours.state.log_history)

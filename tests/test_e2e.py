@@ -39,6 +39,13 @@ def test_quickstart_small_writes_summary_metrics_wandb_checkpoint(tmp_path, monk
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert any("objective/grpo/kept_token_frac" in m for m in metrics)
     assert any("train/reward" in m for m in metrics)
+    # selective backward: the head recomputes only the kept tokens' rows (keep 0.2 per completion)
+    kept = [m["objective/grpo/kept_token_frac"] for m in metrics if "objective/grpo/kept_token_frac" in m]
+    bwd = [m["kernels/backward_row_fraction"] for m in metrics if "kernels/backward_row_fraction" in m]
+    assert len(bwd) == len(kept) == 3
+    for b, k in zip(bwd, kept, strict=True):
+        assert 0 <= b <= k + 1e-9  # kept tokens whose advantage is 0 have zero upstream gradient: skipped too
+    assert max(bwd) > 0
 
     # W&B ran offline (no API key) and its run file reads back with the objective's metrics.
     assert summary["wandb"]["mode"] == "offline"

@@ -12,6 +12,10 @@ TRL 1.16 internals we rely on (``tests/test_trl_internals.py`` fails loudly if t
 * 0-dim tensors in the generation batch survive ``shuffle_sequence_dict`` / ``split_tensor_dict`` unchanged, so
   step-level counts travel with every micro-batch.
 
+Statistics: when the model's head is plain (no soft-capping / logit scaling), log-probs and entropies come from
+``kernels.token_stats`` through ``trainer/stats_head.py`` instead of TRL's fused head, so the head's backward runs
+only on tokens with non-zero weight (``kernels/backward_row_fraction`` in the logs). Other heads use TRL's path.
+
 What we add: step-level global counts (``n_seqs_global``, ``n_tokens_global``), ``group_ids`` / ``rollout_ids``
 per row, an optional rollout-time selection pass (``keep`` [B, T], decided once per step on the gathered batch),
 and the objective's metrics under ``objective/<name>/...``.
@@ -20,10 +24,14 @@ and the objective's metrics under ``objective/<name>/...``.
 from __future__ import annotations
 
 import torch
+from accelerate.utils import is_peft_model
 from trl import GRPOTrainer
 
+import kernels
 from objectives import Objective, TokenBatch
 from objectives.selection import top_fraction_mask
+
+from .stats_head import add_token_stats_head
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -39,6 +47,9 @@ class TokenSelectiveGRPOTrainer(GRPOTrainer):
         super().__init__(*args, **kwargs)
         if self.args.steps_per_generation != self.args.gradient_accumulation_steps:
             raise ValueError("tokensel needs steps_per_generation == gradient_accumulation_steps (one step per rollout)")
+        base = self.model.get_base_model() if is_peft_model(self.model) else self.model
+        self.kernel_stats = not self.is_deepspeed_enabled and add_token_stats_head(base, self.temperature)
+        self._valid_rows = 0
 
     # ---- rollout: add step-level state -------------------------------------------------------------------------
     def _generate_and_score_completions(self, inputs):
@@ -77,16 +88,32 @@ class TokenSelectiveGRPOTrainer(GRPOTrainer):
         return local & mask.bool()
 
     def _statistics(self, model, inputs, compute_entropy: bool):
+        """(logp, entropy, None) of the completion tokens, ``[B, T]`` each."""
         input_ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
         attention_mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
-        return self._get_per_token_logps_and_entropies(
-            model, input_ids, attention_mask, inputs["completion_ids"].size(1), compute_entropy=compute_entropy
-        )
+        T = inputs["completion_ids"].size(1)
+        if not self.kernel_stats:
+            return self._get_per_token_logps_and_entropies(
+                model, input_ids, attention_mask, T, compute_entropy=compute_entropy
+            )
+        labels = input_ids.masked_fill(attention_mask == 0, -100)
+        labels[:, :-T] = -100  # only completion tokens are scored
+        stats = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, tokensel_stats=True)
+        return stats.logp[:, -T:], stats.entropy[:, -T:], None
+
+    def training_step(self, model, inputs, num_items_in_batch):
+        before = kernels.counters()["rows_backward"]
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if self.kernel_stats:
+            rows = kernels.counters()["rows_backward"] - before
+            self._metrics["train"]["kernels/backward_row_fraction"].append(rows / max(1, self._valid_rows))
+        return loss
 
     # ---- loss ----------------------------------------------------------------------------------------------------
     def _compute_loss(self, model, inputs):
         logp, entropy, _ = self._statistics(model, inputs, compute_entropy=True)
         mask = self._loss_mask(inputs)
+        self._valid_rows = int(inputs["completion_mask"].sum())
         max_steps = max(1, self.state.max_steps)
         batch = TokenBatch(
             logp=logp,

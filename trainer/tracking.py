@@ -50,7 +50,7 @@ def init_wandb(run_dir: Path, setting: str, project: str, entity: str | None, na
 
 
 def metric_name(key: str) -> str:
-    return key if key.startswith(("objective/", "train/", "eval/", "timing/")) else f"train/{key}"
+    return key if key.startswith(("objective/", "train/", "eval/", "timing/", "kernels/")) else f"train/{key}"
 
 
 class MetricsCallback(TrainerCallback):

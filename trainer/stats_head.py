@@ -1,0 +1,48 @@
+"""A model forward that returns tokensel's per-token statistics instead of logits.
+
+``add_token_stats_head(model, temperature)`` wraps ``model.forward`` so that
+``model(input_ids, attention_mask=..., labels=labels, tokensel_stats=True)`` runs the backbone and
+``kernels.token_stats`` on its last hidden states (shifted: position t scores ``labels[:, t + 1]``), never building
+``[tokens × vocab]`` logits. Calls without the flag reach the previous forward unchanged (generation, TRL's own
+fused head). Going through ``model(...)`` keeps DDP's and DeepSpeed's forward hooks in the loop.
+
+The backward of ``token_stats`` recomputes only rows whose upstream gradient is non-zero, so an objective that
+zeroes the weight of 80 % of the tokens pays about 20 % of the head's backward.
+"""
+
+from __future__ import annotations
+
+import functools
+import types
+
+import kernels
+
+UNSUPPORTED_HEAD_OPTIONS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier",
+                            "lm_head_multiplier")
+
+
+def head_is_plain(model) -> bool:
+    """True when logits are exactly ``lm_head(h)`` (no soft-capping or scaling the kernels do not model)."""
+    cfg = model.config.get_text_config()
+    return all(getattr(cfg, name, None) in (None, 1.0) for name in UNSUPPORTED_HEAD_OPTIONS)
+
+
+def add_token_stats_head(model, temperature: float) -> bool:
+    """Install the ``tokensel_stats=True`` path on ``model``; False (nothing installed) for unsupported heads."""
+    if not head_is_plain(model):
+        return False
+    previous = model.forward
+
+    @functools.wraps(type(model).forward)
+    def forward(self, *args, tokensel_stats: bool = False, **kwargs):
+        if not tokensel_stats:
+            return previous(*args, **kwargs)
+        labels = kwargs.pop("labels")
+        kwargs["use_cache"] = False  # packed / padded training forwards must not build a cache
+        hidden = self.base_model(*args, **kwargs).last_hidden_state[:, :-1]
+        head = self.get_output_embeddings()
+        targets = labels[:, 1:].to(hidden.device)
+        return kernels.token_stats(hidden, head.weight, targets, bias=head.bias, temperature=temperature)
+
+    model.forward = types.MethodType(forward, model)
+    return True
