@@ -1,0 +1,1 @@
+"""Reproducible performance benchmarks; each writes JSON and a PNG plot (see docs/performance.md)."""
