@@ -63,11 +63,12 @@ def fold(z: Tensor, y: Tensor, temperature: float, logp: Tensor, entropy: Tensor
             t.div_(temperature)
         torch.exp(t, out=e)
         big_s = e.sum(dim=1)
-        # A = Σ e·(z − m); a -inf logit has e = 0 and must contribute 0, not 0·(−inf) = NaN
-        a = torch.nan_to_num(e * t, nan=0.0).sum(dim=1) if not torch.isfinite(t).all() else (e * t).sum(dim=1)
-        log_s = torch.log(big_s)
         rows = slice(s, s + t.shape[0])
-        logp[rows] = t.gather(1, y[rows, None]).squeeze(1) - log_s
+        target_logit = t.gather(1, y[rows, None]).squeeze(1)
+        # A = Σ e·(z − m), in place; a -inf logit gives 0·(−inf) = NaN there, which nansum counts as its true 0
+        a = e.mul_(t).nansum(dim=1)
+        log_s = torch.log(big_s)
+        logp[rows] = target_logit - log_s
         entropy[rows] = log_s - a / big_s
         rowmax[rows] = m.squeeze(1)
         log_sum[rows] = log_s
@@ -81,6 +82,7 @@ def _grad_logits(z: Tensor, y: Tensor, rowmax: Tensor, log_sum: Tensor, ent: Ten
         z.div_(temperature)
     z.sub_(log_sum[:, None])  # log p
     p = torch.exp(z)
+    z.clamp_(min=-1e4)  # where p underflows to 0 (incl. −inf logits) the term is 0 anyway; avoids 0·(−inf) = NaN
     z.add_(ent[:, None]).mul_(g_h[:, None]).add_(g_l[:, None]).mul_(p).neg_()
     z[torch.arange(z.shape[0], device=z.device), y] += g_l
     if temperature != 1.0:

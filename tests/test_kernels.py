@@ -140,6 +140,18 @@ def test_edge_cases():
     assert hh.grad is not None and hh.grad.abs().sum() == 0
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_minus_inf_logits_contribute_nothing(dtype):
+    z = torch.tensor([[0.0, float("-inf"), 1.0], [2.0, 0.5, float("-inf")]], dtype=dtype, requires_grad=True)
+    y = torch.tensor([0, 1])
+    out = token_stats_from_logits(z, y, temperature=0.7)
+    ref = reference_token_stats(y, logits=z.detach().double(), temperature=0.7)
+    torch.testing.assert_close(out.logp.double(), ref.logp, rtol=0, atol=1e-6)
+    torch.testing.assert_close(out.entropy.double(), ref.entropy, rtol=0, atol=1e-6)
+    (g,) = torch.autograd.grad((out.logp + out.entropy).sum(), z)
+    assert torch.isfinite(g).all() and g[0, 1] == 0 and g[1, 2] == 0
+
+
 def test_frozen_head_skips_weight_gradient(monkeypatch):
     h, W, b, y = t5()
     h.requires_grad_()
