@@ -5,6 +5,6 @@ No TRL, Hydra or I/O imports here.
 """
 
 from .contract import ObjectiveOutput, TokenBatch
-from .registry import REGISTRY, Objective, build, config_fields, names
+from .registry import REGISTRY, Objective, build, names
 
-__all__ = ["REGISTRY", "Objective", "ObjectiveOutput", "TokenBatch", "build", "config_fields", "names"]
+__all__ = ["REGISTRY", "Objective", "ObjectiveOutput", "TokenBatch", "build", "names"]

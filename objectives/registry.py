@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import difflib
 from collections.abc import Callable
-from dataclasses import MISSING, dataclass, fields
+from dataclasses import dataclass, fields
 from typing import Any
 
 from .contract import ObjectiveOutput, TokenBatch
@@ -29,12 +29,6 @@ class Objective:
 
     def __call__(self, batch: TokenBatch) -> ObjectiveOutput:
         return self.fn(batch, self.config)
-
-
-def config_fields(name: str) -> dict[str, Any]:
-    """Field name -> default of an objective's config (``MISSING`` where required)."""
-    cls = _lookup(name)[0]
-    return {f.name: (f.default if f.default is not MISSING else MISSING) for f in fields(cls)}
 
 
 def _lookup(name: str) -> tuple[type, Callable]:

@@ -219,8 +219,9 @@ def test_logits_level_fp32_matches_reference(seed, n, v, temperature, offset):
     ref = reference_token_stats(y, logits=zz, temperature=temperature, mask=mask)
     (g_ref,) = torch.autograd.grad((ref.logp + 0.3 * ref.entropy).sum(), zz)
     (g,) = torch.autograd.grad((out.logp + 0.3 * out.entropy).sum(), z)
-    if g_ref.norm() > 0:
-        assert (g.double() - g_ref).norm() / g_ref.norm() <= 1e-5
+    # relative 1e-5, with a floor at fp32 resolution: where logp and entropy gradients cancel, ‖g64‖ can be ~1e-4
+    # while each term is O(1) and carries ~1e-7 of fp32 rounding
+    assert (g.double() - g_ref).norm() <= 1e-5 * g_ref.norm() + 1e-6
 
 
 def test_micro_batches_equal_one_call():

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import difflib
 import os
-from dataclasses import dataclass, fields, is_dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -110,13 +110,13 @@ def _reason(e: OmegaConfBaseException, value: Any) -> str:
     return f"invalid value {value!r} ({type(value).__name__}): {msg}"
 
 
-def _check_component(node: dict[str, Any], where: str, cls: type, problems: list[str]) -> Any:
-    """Unknown keys, types and the dataclass's own checks of one component node."""
+def _check_component(node: dict[str, Any], where: str, name: str, cls: type, problems: list[str]) -> Any:
+    """Unknown keys, types and the dataclass's own checks of one component node; the config object or None."""
     valid = [f.name for f in fields(cls)]
     before = len(problems)
     for k in node:
         if k not in valid:
-            problems.append(f"{where}.{k}: unknown key for {where} {node.get('name')!r}{_suggest(k, valid, where + '.')}")
+            problems.append(f"{where}.{k}: unknown key for {where} {name!r}{_suggest(k, valid, where + '.')}")
     known = {k: v for k, v in node.items() if k in valid}
     typed = OmegaConf.structured(cls)
     for k, v in known.items():
@@ -161,13 +161,28 @@ def _cross_checks(cfg: DictConfig, objective: objectives.Objective | None, probl
         problems.append(f"model.dtype: must be float32, bfloat16 or float16, got {cfg.model.dtype!r}")
     if objective is not None:
         c = objective.config
-        needs_pass = getattr(c, "keep", 1.0) < 1.0 and (getattr(c, "scope", "") != "per_sequence" or t.num_iterations > 1)
-        if needs_pass and t.selection_pass == "never":
+        if step_selection_required(c, t.num_iterations) and t.selection_pass == "never":
             problems.append(
                 "trainer.selection_pass: 'never' cannot serve objective.scope="
                 f"{getattr(c, 'scope', '')!r} / num_iterations={t.num_iterations}: the selection must be decided "
                 "once per step on the whole step (set selection_pass=auto)"
             )
+
+
+def step_selection_required(objective_config: Any, num_iterations: int) -> bool:
+    """A keep < 1 selection must be decided once per step, at rollout time, when its scope spans rows
+    (per_group / global_batch) or when several PPO epochs reuse the batch; per_sequence can rank each micro-batch."""
+    keep = getattr(objective_config, "keep", 1.0)
+    scope = getattr(objective_config, "scope", "per_sequence")
+    return keep < 1.0 and (scope != "per_sequence" or num_iterations > 1)
+
+
+def selection_pass_enabled(cfg: DictConfig, objective: objectives.Objective) -> bool:
+    """``trainer.selection_pass``: always / never, or auto = exactly when the selection requires it."""
+    setting = cfg.trainer.selection_pass
+    if setting != "auto":
+        return setting == "always"
+    return step_selection_required(objective.config, cfg.trainer.num_iterations)
 
 
 def compose(args: list[str]) -> Resolved:
@@ -192,9 +207,9 @@ def compose(args: list[str]) -> Resolved:
         cls = objectives.REGISTRY[obj_name][0]
         if "max_completion_length" in [f.name for f in fields(cls)]:
             obj_node.setdefault("max_completion_length", cfg.trainer.max_completion_length)
-        built = _check_component(obj_node | {"name": obj_name}, "objective", _with_name(cls), problems)
+        built = _check_component(obj_node, "objective", obj_name, cls, problems)
         if built is not None:
-            objective = objectives.build(obj_name, **{k: v for k, v in vars(built).items() if k != "name"})
+            objective = objectives.Objective(name=obj_name, config=built, fn=objectives.REGISTRY[obj_name][1])
 
     task_node = OmegaConf.to_container(cfg.task, resolve=True)
     task_config = None
@@ -203,20 +218,12 @@ def compose(args: list[str]) -> Resolved:
     except KeyError as e:
         problems.append(f"task.name: {e.args[0]}")
     else:
-        task_config = _check_component(task_node, "task", task_cls, problems)
+        task_config = _check_component(task_node, "task", str(task_node.get("name")), task_cls, problems)
 
     _cross_checks(cfg, objective, problems)
     if problems:
         raise ConfigError(problems)
     return Resolved(cfg=cfg, objective=objective, task_config=task_config)
-
-
-def _with_name(cls: type) -> type:
-    """The objective's dataclass plus the ``name`` key that selects it."""
-    from dataclasses import field, make_dataclass
-
-    assert is_dataclass(cls)
-    return make_dataclass(f"{cls.__name__}Node", [("name", str, field(default=""))], bases=(cls,))
 
 
 def _hydra_problem(e: Exception) -> str:

@@ -113,7 +113,8 @@ class TokenSelectiveGRPOTrainer(GRPOTrainer):
     def _compute_loss(self, model, inputs):
         logp, entropy, _ = self._statistics(model, inputs, compute_entropy=True)
         mask = self._loss_mask(inputs)
-        self._valid_rows = int(inputs["completion_mask"].sum())
+        if self.kernel_stats:
+            self._valid_rows = int(inputs["completion_mask"].sum())
         max_steps = max(1, self.state.max_steps)
         batch = TokenBatch(
             logp=logp,

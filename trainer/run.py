@@ -15,7 +15,7 @@ from datasets import Dataset
 from omegaconf import OmegaConf
 from transformers.trainer_callback import ProgressCallback
 
-from .config import Resolved
+from .config import Resolved, selection_pass_enabled
 from .evaluate import evaluate
 from .grpo_adapter import TokenSelectiveGRPOTrainer
 from .modeling import build_model, count_parameters
@@ -61,9 +61,9 @@ def run(resolved: Resolved) -> dict[str, Any]:
     run_dir = run_directory(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     resolved_cfg = OmegaConf.to_container(cfg, resolve=True)
-    if is_main_process():
-        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     main = is_main_process()
+    if main:
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
 
     # ---- build: model, task, data ------------------------------------------------------------------------------
     model, tokenizer = build_model(cfg.model, cfg.seed)
@@ -111,7 +111,7 @@ def run(resolved: Resolved) -> dict[str, Any]:
         train_dataset=Dataset.from_list(train_rows),
         callbacks=[callback],
         objective=resolved.objective,
-        selection_pass=needs_selection_pass(cfg, resolved.objective),
+        selection_pass=selection_pass_enabled(cfg, resolved.objective),
     )
     if trainer.pop_callback(ProgressCallback) is not None:  # None when tqdm is disabled (non-zero ranks)
         trainer.add_callback(CompactProgress(resolved.objective.name))
@@ -154,14 +154,6 @@ def run(resolved: Resolved) -> dict[str, Any]:
             wandb_run.finish()
         print_summary(summary)
     return summary
-
-
-def needs_selection_pass(cfg, objective) -> bool:
-    c = objective.config
-    if cfg.trainer.selection_pass != "auto":
-        return cfg.trainer.selection_pass == "always"
-    return getattr(c, "keep", 1.0) < 1.0 and (getattr(c, "scope", "per_sequence") != "per_sequence"
-                                              or cfg.trainer.num_iterations > 1)
 
 
 def grpo_args(cfg, objective, run_dir: Path):
