@@ -1,10 +1,12 @@
-"""tokensel kernels: per-token log-prob and entropy from hidden states + LM head, without ``[N, V]`` logits.
+"""tokensel kernels: per-token log-prob, entropy and teacher divergences without ``[N, V]`` logits.
 
-Chunked torch path (all devices). Teacher divergences and the Triton path follow (``docs/roadmap.md``).
+A chunked torch path (all devices, optionally compiled at the logits level) and a Triton path (CUDA; CPU under
+``TRITON_INTERPRET=1``) share one contract: ``specs/kernels.md`` and ``docs/kernels.md``.
 """
 
-from .api import TokenStats, reference_token_stats, token_stats, token_stats_from_logits
+from .api import TokenStats, active_backend, reference_token_stats, token_stats, token_stats_from_logits
+from .backend import use_backend
 from .chunked import counters, reset_counters
 
-__all__ = ["TokenStats", "counters", "reference_token_stats", "reset_counters", "token_stats",
-           "token_stats_from_logits"]
+__all__ = ["TokenStats", "active_backend", "counters", "reference_token_stats", "reset_counters", "token_stats",
+           "token_stats_from_logits", "use_backend"]

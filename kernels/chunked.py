@@ -1,13 +1,12 @@
-"""Chunked torch implementation: per-token log-prob and entropy without ``[N, V]`` logits.
+"""Chunked torch implementation (all devices): per-token statistics without ``[N, V]`` logits.
 
-Forward: for blocks of ``chunk`` rows, one GEMM into a reused fp32 buffer ``[chunk, V]``, then a fold in
-cache-sized sub-tiles into per-row scalars with the shifted forms of ``specs/kernels.md`` §3.2:
-``logp = (z_y − m) − log S`` and ``H = log S − A/S`` with ``m = max z``, ``S = Σ e^{z−m}``, ``A = Σ e^{z−m}(z−m)``,
-so ``logp ≤ 0`` and ``H ≥ 0`` hold exactly. Saved per row: ``m``, ``log S`` and ``H`` (3 scalars).
+Forward: for blocks of ``chunk`` rows, one GEMM into a reused fp32 buffer ``[chunk, V]`` (and one for the teacher),
+then a fold in cache-sized sub-tiles into per-row scalars (``fold.py``). The block is sized so that the buffer stays
+≤ 2^25 elements (128 MB fp32): at V = 152k that is 220 rows, so memory never grows with N.
 
-Backward (§3.4): only rows in ``R = grad_rows ∧ (nonzero upstream)`` are recomputed; for them
-``dz = γ_ℓ(onehot(y) − p) − γ_H·p(log p + H)``, ``dlogit = dz / T``; ``dh = dlogit W``, ``dW = dlogitᵀ h`` (skipped
-when the head is frozen), ``db = Σ dlogit`` (only when the bias needs grad). Rows outside R get exactly 0.
+Backward (§3.4): only rows in ``R = grad_rows ∧ (nonzero upstream)`` are recomputed; ``dh = dlogit W``,
+``dW = dlogitᵀ h`` (skipped when the head is frozen), ``db = Σ dlogit`` (only when the bias needs grad). Rows outside R
+get exactly 0. Teacher tensors are constants: they never receive gradient.
 """
 
 from __future__ import annotations
@@ -17,14 +16,16 @@ import threading
 import torch
 from torch import Tensor
 
-SUBTILE = 32  # rows per fold: keeps the [rows, V] exp buffer in cache (1.8x faster than 512-row folds at V = 32k)
+from .fold import NCOL, OUTPUTS, SUBTILE, Spec, fold_student, fold_teacher, grad_tile
+
 DEFAULT_CHUNK = 1024  # rows per GEMM on CPU: 1024-row GEMMs run ~25 % faster than 256-row ones
+MAX_TILE_ELEMS = 1 << 25  # cap on chunk·V so that large vocabularies shrink the row block instead of the memory
 
 _lock = threading.Lock()
 _counts = {"rows_forward": 0, "rows_backward": 0}
 
 
-def _count(key: str, n: int) -> None:
+def count(key: str, n: int) -> None:
     with _lock:
         _counts[key] += n
 
@@ -45,108 +46,26 @@ def accum_dtype(x: Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-def fold(z: Tensor, y: Tensor, temperature: float, logp: Tensor, entropy: Tensor, rowmax: Tensor, log_sum: Tensor,
-         scratch: Tensor) -> None:
-    """Statistics of the raw logits rows ``z`` (overwritten) into ``logp``, ``entropy`` and the saved ``rowmax``
-    (of the raw logits) and ``log_sum`` (``log S`` of the tempered ones).
-
-    The max is subtracted *before* dividing by the temperature: ``(z − m)/T`` keeps full precision at large logit
-    offsets, where ``z/T − m/T`` in fp32 would lose ~1e-3.
-    """
-    for s in range(0, z.shape[0], SUBTILE):
-        t = z[s : s + SUBTILE]
-        e = scratch[: t.shape[0]]
-        m = t.amax(dim=1, keepdim=True)
-        m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))  # all -inf row: keep NaN-free shift
-        t.sub_(m)
-        if temperature != 1.0:
-            t.div_(temperature)
-        torch.exp(t, out=e)
-        big_s = e.sum(dim=1)
-        rows = slice(s, s + t.shape[0])
-        target_logit = t.gather(1, y[rows, None]).squeeze(1)
-        # A = Σ e·(z − m), in place; a -inf logit gives 0·(−inf) = NaN there, which nansum counts as its true 0
-        a = e.mul_(t).nansum(dim=1)
-        log_s = torch.log(big_s)
-        logp[rows] = target_logit - log_s
-        entropy[rows] = log_s - a / big_s
-        rowmax[rows] = m.squeeze(1)
-        log_sum[rows] = log_s
+def rows_per_block(chunk: int | None, vocab: int) -> int:
+    if chunk is not None:
+        return chunk
+    return min(DEFAULT_CHUNK, max(SUBTILE, MAX_TILE_ELEMS // max(1, vocab)))
 
 
-def _grad_logits(z: Tensor, y: Tensor, rowmax: Tensor, log_sum: Tensor, ent: Tensor, g_l: Tensor, g_h: Tensor,
-                 temperature: float) -> Tensor:
-    """Turn raw logits ``z`` into ``dlogit`` in place (see the module docstring)."""
-    z.sub_(rowmax[:, None])
-    if temperature != 1.0:
-        z.div_(temperature)
-    z.sub_(log_sum[:, None])  # log p
-    p = torch.exp(z)
-    z.clamp_(min=-1e4)  # where p underflows to 0 (incl. −inf logits) the term is 0 anyway; avoids 0·(−inf) = NaN
-    z.add_(ent[:, None]).mul_(g_h[:, None]).add_(g_l[:, None]).mul_(p).neg_()
-    z[torch.arange(z.shape[0], device=z.device), y] += g_l
-    if temperature != 1.0:
-        z.div_(temperature)
-    return z
+def upstream(grads: tuple[Tensor | None, ...], like: Tensor) -> Tensor:
+    """Upstream gradients as ``[n, 5]`` (columns = OUTPUTS); a missing one is 0."""
+    g = torch.zeros(like.shape[0], len(OUTPUTS), dtype=like.dtype, device=like.device)
+    for k, gk in enumerate(grads):
+        if gk is not None:
+            g[:, k] = gk
+    return g
 
 
-class HiddenStats(torch.autograd.Function):
-    """(logp, entropy) of valid, compacted rows ``h [n, d]`` against ``weight [V, d]``."""
-
-    @staticmethod
-    def forward(ctx, h, weight, bias, targets, grad_rows, temperature, chunk):
-        acc = accum_dtype(h)
-        n, V = h.shape[0], weight.shape[0]
-        logp = torch.zeros(n, dtype=acc, device=h.device)
-        entropy, rowmax, log_sum = torch.zeros_like(logp), torch.zeros_like(logp), torch.zeros_like(logp)
-        w = weight.to(acc)
-        b = None if bias is None else bias.to(acc)
-        if n:
-            buf = torch.empty(min(chunk, n), V, dtype=acc, device=h.device)
-            scratch = torch.empty(min(SUBTILE, n), V, dtype=acc, device=h.device)
-            for s in range(0, n, chunk):
-                rows = slice(s, s + chunk)
-                z = _logits(h[rows], w, b, buf)
-                fold(z, targets[rows], temperature, logp[rows], entropy[rows], rowmax[rows], log_sum[rows], scratch)
-        _count("rows_forward", n)
-        ctx.save_for_backward(h, weight, bias, targets, grad_rows, rowmax, log_sum, entropy)
-        ctx.temperature, ctx.chunk = temperature, chunk
-        return logp, entropy
-
-    @staticmethod
-    def backward(ctx, g_logp, g_ent):
-        h, weight, bias, targets, grad_rows, rowmax, log_sum, entropy = ctx.saved_tensors
-        need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        acc = entropy.dtype
-        g_l = torch.zeros_like(entropy) if g_logp is None else g_logp.to(acc)
-        g_h = torch.zeros_like(entropy) if g_ent is None else g_ent.to(acc)
-        rows = (grad_rows & ((g_l != 0) | (g_h != 0))).nonzero().squeeze(1)
-        _count("rows_backward", rows.numel())
-        dh = torch.zeros(h.shape, dtype=acc, device=h.device) if need_h else None
-        dw = torch.zeros(weight.shape, dtype=acc, device=h.device) if need_w else None
-        db = torch.zeros(weight.shape[0], dtype=acc, device=h.device) if need_b else None
-        if rows.numel():
-            w = weight.to(acc)
-            b = None if bias is None else bias.to(acc)
-            buf = torch.empty(min(ctx.chunk, rows.numel()), weight.shape[0], dtype=acc, device=h.device)
-            for s in range(0, rows.numel(), ctx.chunk):
-                idx = rows[s : s + ctx.chunk]
-                hc = h.index_select(0, idx).to(acc)
-                z = _logits(hc, w, b, buf)
-                d = _grad_logits(z, targets[idx], rowmax[idx], log_sum[idx], entropy[idx], g_l[idx], g_h[idx],
-                                 ctx.temperature)
-                if need_h:
-                    dh.index_copy_(0, idx, d @ w)
-                if need_w:
-                    dw.addmm_(d.t(), hc)
-                if need_b:
-                    db += d.sum(0)
-        return (
-            None if dh is None else dh.to(h.dtype),
-            None if dw is None else dw.to(weight.dtype),
-            None if db is None else db.to(bias.dtype),
-            None, None, None, None,
-        )
+def split_outputs(acc: Tensor, spec: Spec, ctx) -> tuple[Tensor, ...]:
+    outs = tuple(acc[:, k].clone() for k in range(len(OUTPUTS)))
+    unused = [o for name, o in zip(OUTPUTS[2:], outs[2:], strict=True) if name not in spec.divergences]
+    ctx.mark_non_differentiable(*unused)
+    return outs
 
 
 def _logits(h: Tensor, w: Tensor, b: Tensor | None, buf: Tensor) -> Tensor:
@@ -158,46 +77,150 @@ def _logits(h: Tensor, w: Tensor, b: Tensor | None, buf: Tensor) -> Tensor:
     return z
 
 
-class LogitsStats(torch.autograd.Function):
-    """(logp, entropy) of rows ``rows`` of ``logits [N, V]``; backward writes a dense ``dlogits``."""
+class _Head:
+    """A head in the accumulation dtype: weight (+ bias) and a reused logits buffer of ``rows`` rows."""
+
+    def __init__(self, weight: Tensor, bias: Tensor | None, acc: torch.dtype, rows: int):
+        self.w = weight.to(acc)
+        self.b = None if bias is None else bias.to(acc)
+        self.buf = torch.empty(rows, weight.shape[0], dtype=acc, device=weight.device)
+
+    def logits(self, h: Tensor) -> Tensor:
+        return _logits(h, self.w, self.b, self.buf)
+
+
+
+class EagerOps:
+    """The torch fold/grad on ``[*, V]`` sources: ``rows=None`` means all rows of ``z`` in order (a reused GEMM
+    buffer, folded in place); otherwise rows are gathered ``SUBTILE`` at a time into cache-sized buffers (a 1024-row
+    gather was 1.5x slower)."""
+
+    name = "torch"
 
     @staticmethod
-    def forward(ctx, logits, targets, rows, temperature):
-        acc = accum_dtype(logits)
-        n, V = rows.numel(), logits.shape[1]
-        logp = torch.zeros(n, dtype=acc, device=logits.device)
-        entropy, rowmax, log_sum = torch.zeros_like(logp), torch.zeros_like(logp), torch.zeros_like(logp)
+    def fold(z: Tensor, rows: Tensor | None, u: Tensor | None, y: Tensor, spec: Spec, acc: Tensor) -> None:
+        V = z.shape[1]
+        if rows is None:
+            if u is None:
+                fold_student(z, y, spec, acc, torch.empty(min(SUBTILE, z.shape[0]), V, dtype=acc.dtype,
+                                                         device=z.device))
+            else:
+                fold_teacher(z, u, y, spec, acc)
+            return
+        buf = torch.empty(min(SUBTILE, rows.numel()), V, dtype=acc.dtype, device=z.device)
+        tbuf = None if u is None else torch.empty_like(buf)
+        scratch = torch.empty_like(buf)
+        for s in range(0, rows.numel(), SUBTILE):
+            idx, part = rows[s : s + SUBTILE], slice(s, s + SUBTILE)
+            zt = _gather(z, idx, buf)
+            if u is None:
+                fold_student(zt, y[part], spec, acc[part], scratch)
+            else:
+                fold_teacher(zt, _gather(u, idx, tbuf), y[part], spec, acc[part])
+
+    @staticmethod
+    def grad(z: Tensor, rows: Tensor | None, u: Tensor | None, y: Tensor, saved: Tensor, g: Tensor, spec: Spec,
+             out: Tensor) -> None:
+        if rows is None:  # z is a recomputed GEMM buffer: turn it into dlogit in place
+            grad_tile(z, u, y, saved, g, spec)
+            return
+        for s in range(0, rows.numel(), SUBTILE * 8):
+            idx, part = rows[s : s + SUBTILE * 8], slice(s, s + SUBTILE * 8)
+            ut = None if u is None else u[idx].to(saved.dtype)
+            d = grad_tile(z[idx].to(saved.dtype), ut, y[part], saved[part], g[part], spec)
+            out[idx] = d.to(out.dtype)
+
+class HiddenStats(torch.autograd.Function):
+    """Statistics of valid, compacted rows ``h [n, d]`` against ``weight [V, d]`` (teacher rows ``th [n, d_t]``)."""
+
+    @staticmethod
+    def forward(ctx, h, weight, bias, targets, grad_rows, spec, chunk, ops, th, tw, tb):
+        acc_dtype = accum_dtype(h)
+        n, V = h.shape[0], weight.shape[0]
+        block = rows_per_block(chunk, V)
+        acc = torch.zeros(n, NCOL, dtype=acc_dtype, device=h.device)
         if n:
-            chunk = max(SUBTILE, min(n, (1 << 22) // max(1, V)))  # ≤ 16 MB fp32 per block
-            buf = torch.empty(min(chunk, n), V, dtype=acc, device=logits.device)
-            scratch = torch.empty(min(SUBTILE, n), V, dtype=acc, device=logits.device)
-            for s in range(0, n, chunk):
-                idx = rows[s : s + chunk]
-                z = buf[: idx.numel()]
-                if logits.dtype == acc:
-                    torch.index_select(logits, 0, idx, out=z)
-                else:
-                    z.copy_(logits[idx])
-                part = slice(s, s + chunk)
-                fold(z, targets[idx], temperature, logp[part], entropy[part], rowmax[part], log_sum[part], scratch)
-        _count("rows_forward", n)
-        ctx.save_for_backward(logits, targets, rows, rowmax, log_sum, entropy)
-        ctx.temperature = temperature
-        return logp, entropy
+            head = _Head(weight, bias, acc_dtype, min(block, n))
+            teacher = _Head(tw, tb, acc_dtype, min(block, n)) if spec.teacher else None
+            for s in range(0, n, block):
+                part = slice(s, s + block)
+                u = None if teacher is None else teacher.logits(th[part])
+                ops.fold(head.logits(h[part]), None, u, targets[part], spec, acc[part])
+        count("rows_forward", n)
+        ctx.save_for_backward(h, weight, bias, targets, grad_rows, acc, th, tw, tb)
+        ctx.spec, ctx.block, ctx.ops = spec, block, ops
+        return split_outputs(acc, spec, ctx)
 
     @staticmethod
-    def backward(ctx, g_logp, g_ent):
-        logits, targets, rows, rowmax, log_sum, entropy = ctx.saved_tensors
-        acc = entropy.dtype
-        g_l = torch.zeros_like(entropy) if g_logp is None else g_logp.to(acc)
-        g_h = torch.zeros_like(entropy) if g_ent is None else g_ent.to(acc)
-        live = ((g_l != 0) | (g_h != 0)).nonzero().squeeze(1)
-        _count("rows_backward", live.numel())
+    def backward(ctx, *grads):
+        h, weight, bias, targets, grad_rows, acc, th, tw, tb = ctx.saved_tensors
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        g = upstream(grads, acc)
+        rows = (grad_rows & (g != 0).any(dim=1)).nonzero().squeeze(1)
+        count("rows_backward", rows.numel())
+        dh = torch.zeros(h.shape, dtype=acc.dtype, device=h.device) if need_h else None
+        dw = torch.zeros(weight.shape, dtype=acc.dtype, device=h.device) if need_w else None
+        db = torch.zeros(weight.shape[0], dtype=acc.dtype, device=h.device) if need_b else None
+        if rows.numel():
+            n_rows = min(ctx.block, rows.numel())
+            head = _Head(weight, bias, acc.dtype, n_rows)
+            teacher = _Head(tw, tb, acc.dtype, n_rows) if ctx.spec.teacher else None
+            for s in range(0, rows.numel(), ctx.block):
+                idx = rows[s : s + ctx.block]
+                hc = h.index_select(0, idx).to(acc.dtype)
+                u = None if teacher is None else teacher.logits(th.index_select(0, idx))
+                d = head.logits(hc)
+                ctx.ops.grad(d, None, u, targets[idx], acc[idx], g[idx], ctx.spec, d)
+                if need_h:
+                    dh.index_copy_(0, idx, d @ head.w)
+                if need_w:
+                    dw.addmm_(d.t(), hc)
+                if need_b:
+                    db += d.sum(0)
+        return (
+            None if dh is None else dh.to(h.dtype),
+            None if dw is None else dw.to(weight.dtype),
+            None if db is None else db.to(bias.dtype),
+            *([None] * 8),
+        )
+
+
+class LogitsStats(torch.autograd.Function):
+    """Statistics of rows ``rows`` of ``logits [N, V]``; the backward writes a dense ``dlogits``.
+
+    ``fast_fold`` (a compiled student-only fold, or None) replaces ``ops.fold`` when there is no teacher.
+    """
+
+    @staticmethod
+    def forward(ctx, logits, targets, rows, spec, teacher_logits, ops, fast_fold):
+        n = rows.numel()
+        y = targets.index_select(0, rows)
+        acc = None
+        if n and fast_fold is not None and not spec.teacher:
+            acc = fast_fold(logits, rows, y, spec.temperature)
+        if acc is None:
+            acc = torch.zeros(n, NCOL, dtype=accum_dtype(logits), device=logits.device)
+            if n:
+                ops.fold(logits, rows, teacher_logits, y, spec, acc)
+        count("rows_forward", n)
+        ctx.save_for_backward(logits, y, rows, acc, teacher_logits)
+        ctx.spec, ctx.ops = spec, ops
+        return split_outputs(acc, spec, ctx)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        logits, y, rows, acc, teacher_logits = ctx.saved_tensors
+        g = upstream(grads, acc)
+        live = (g != 0).any(dim=1).nonzero().squeeze(1)
+        count("rows_backward", live.numel())
         dlogits = torch.zeros_like(logits)
-        for s in range(0, live.numel(), SUBTILE * 8):
-            k = live[s : s + SUBTILE * 8]
-            idx = rows[k]
-            z = logits[idx].to(acc)
-            d = _grad_logits(z, targets[idx], rowmax[k], log_sum[k], entropy[k], g_l[k], g_h[k], ctx.temperature)
-            dlogits[idx] = d.to(logits.dtype)
-        return dlogits, None, None, None
+        if live.numel():
+            ctx.ops.grad(logits, rows[live], teacher_logits, y[live], acc[live], g[live], ctx.spec, dlogits)
+        return dlogits, *([None] * 6)
+
+
+def _gather(x: Tensor, idx: Tensor, buf: Tensor) -> Tensor:
+    z = buf[: idx.numel()]
+    if x.dtype == buf.dtype:
+        return torch.index_select(x, 0, idx, out=z)
+    return z.copy_(x.index_select(0, idx))
