@@ -179,5 +179,5 @@ class TritonOps:
             HAS_TEACHER=u is not None, BLOCK_V=_block_v(z.shape[1]))
 
 
-assert (LOGP, ENT, RKL, FKL, JSD, ROWMAX, LOGSUM, T_ROWMAX, T_LOGSUM, KL_PM) == tuple(range(10)), \
+assert tuple(range(10)) == (LOGP, ENT, RKL, FKL, JSD, ROWMAX, LOGSUM, T_ROWMAX, T_LOGSUM, KL_PM), \
     "the kernels hard-code the accumulator column layout of fold.py"
