@@ -35,6 +35,7 @@ def test_quickstart_small_writes_summary_metrics_wandb_checkpoint(tmp_path, monk
         assert summary[key] is not None, key
     assert 0.0 <= summary["accuracy_before"] <= 1.0 and 0.0 < summary["kept_token_fraction"] < 1.0
     assert summary["rl_steps"] == 3
+    assert summary["kernels_backend"] == "torch"
 
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert any("objective/grpo/kept_token_frac" in m for m in metrics)
@@ -46,6 +47,8 @@ def test_quickstart_small_writes_summary_metrics_wandb_checkpoint(tmp_path, monk
     for b, k in zip(bwd, kept, strict=True):
         assert 0 <= b <= k + 1e-9  # kept tokens whose advantage is 0 have zero upstream gradient: skipped too
     assert max(bwd) > 0
+    rows = [(m["kernels/rows_backward"], m["kernels/rows_valid"]) for m in metrics if "kernels/rows_valid" in m]
+    assert len(rows) == 3 and all(0 <= r <= v and v > 0 for r, v in rows)
 
     # W&B ran offline (no API key) and its run file reads back with the objective's metrics.
     assert summary["wandb"]["mode"] == "offline"

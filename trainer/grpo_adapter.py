@@ -106,8 +106,19 @@ class TokenSelectiveGRPOTrainer(GRPOTrainer):
         loss = super().training_step(model, inputs, num_items_in_batch)
         if self.kernel_stats:
             rows = kernels.counters()["rows_backward"] - before
-            self._metrics["train"]["kernels/backward_row_fraction"].append(rows / max(1, self._valid_rows))
+            counts = torch.tensor([rows, self._valid_rows], dtype=torch.float64, device=loss.device)
+            rows_bwd, rows_valid = self.accelerator.reduce(counts, reduction="sum").tolist()
+            self._metrics["train"]["kernels/rows_valid"].append(rows_valid)
+            self._metrics["train"]["kernels/rows_backward"].append(rows_bwd)
+            self._metrics["train"]["kernels/backward_row_fraction"].append(rows_bwd / max(1.0, rows_valid))
         return loss
+
+    @property
+    def kernels_backend(self) -> str:
+        """``torch``, ``torch+compile`` (logits level only, unused here) or ``triton``; ``trl`` when TRL's head runs."""
+        if not self.kernel_stats:
+            return "trl"
+        return kernels.active_backend(self.model.get_output_embeddings().weight)
 
     # ---- loss ----------------------------------------------------------------------------------------------------
     def _compute_loss(self, model, inputs):

@@ -139,6 +139,7 @@ def run(resolved: Resolved) -> dict[str, Any]:
         "mean_reward_first_log": callback.rewards[0] if callback.rewards else None,
         "mean_reward_last_log": callback.rewards[-1] if callback.rewards else None,
         "rl_steps": trainer.state.global_step,
+        "kernels_backend": trainer.kernels_backend,
         "wall_seconds": round(time.perf_counter() - start, 1),
         "warmup": warmup_info,
         "run_dir": str(run_dir),
@@ -151,6 +152,7 @@ def run(resolved: Resolved) -> dict[str, Any]:
         write_json(run_dir / "summary.json", summary)
         if wandb_run is not None:
             wandb_run.summary.update({f"eval/{k}": v for k, v in summary.items() if "accuracy_" in k and v is not None})
+            wandb_run.summary["kernels/backend"] = summary["kernels_backend"]
             wandb_run.finish()
         print_summary(summary)
     return summary
