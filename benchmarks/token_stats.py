@@ -1,4 +1,4 @@
-"""Per-token statistics (log-prob + entropy): tokensel kernels vs naive PyTorch vs TRL 1.16, side by side.
+"""Per-token statistics (log-prob, entropy, teacher divergences): tokensel kernels vs naive PyTorch vs TRL 1.16.
 
     python -m benchmarks.token_stats [--quick] [--out benchmarks/results] [--threads 2]
 
@@ -25,9 +25,14 @@ LARGE_VOCAB = {"N": 1024, "V": 151936, "d": 1024}
 QUICK = {"N": 64, "V": 300, "d": 16}
 
 VARIANTS = {
-    "logits": ["ours", "naive", "trl"],
+    # ours = the default configuration (compiled fold at these sizes); ours_eager = TOKENSEL_KERNELS_COMPILE=0;
+    # floor_read = one read of the logits (amax), the bandwidth floor of any logits-level pass
+    "logits": ["ours", "ours_eager", "naive", "trl", "floor_read"],
     "hidden": ["ours", "naive", "trl_tile32768", "trl_tile4096"],
+    # distillation: student fwd+bwd of Σ divergence with a teacher head of the same shape
+    "distill": ["ours", "naive", "trl"],
 }
+DISTILL = ("reverse_kl", "jsd")
 
 
 def cases(quick: bool) -> list[dict]:
@@ -39,7 +44,10 @@ def cases(quick: bool) -> list[dict]:
             {"shape_name": name, **shape, "level": "logits", "mode": "fwd+bwd", "keep": 1.0},
             {"shape_name": name, **shape, "level": "hidden", "mode": "fwd", "keep": 1.0},
             {"shape_name": name, **shape, "level": "hidden", "mode": "fwd+bwd", "keep": 1.0},
+            {"shape_name": name, **shape, "level": "hidden", "mode": "fwd+bwd_frozen", "keep": 1.0},
         ]
+        out += [{"shape_name": name, **shape, "level": "distill", "mode": "fwd+bwd", "keep": 1.0, "divergence": div}
+                for div in DISTILL]
         out += [{"shape_name": name, **shape, "level": "hidden", "mode": "selective", "keep": k} for k in (0.5, 0.2)]
     return out
 
@@ -47,7 +55,11 @@ def cases(quick: bool) -> list[dict]:
 def variants_for(case: dict) -> list[str]:
     # selective = statistics for all rows, gradient only on the kept rows: only a selective kernel can exploit it,
     # the peers' full fwd+bwd is the reference it is compared with.
-    return ["ours"] if case["mode"] == "selective" else VARIANTS[case["level"]]
+    if case["mode"] == "selective":
+        return ["ours"]
+    if case["level"] == "logits" and case["mode"] != "fwd":  # the floor and the compiled fold are forward-only
+        return ["ours", "naive", "trl"]
+    return VARIANTS[case["level"]]
 
 
 # ---- worker side (runs in a fresh process) ---------------------------------------------------------------------
@@ -59,7 +71,11 @@ def _inputs(case: dict):
     y = torch.randint(0, V, (N,), generator=g)
     if case["level"] == "logits":
         return {"z": torch.randn(N, V, generator=g) * 4, "y": y}
-    return {"h": torch.randn(N, d, generator=g), "W": torch.randn(V, d, generator=g) / d**0.5, "y": y}
+    x = {"h": torch.randn(N, d, generator=g), "W": torch.randn(V, d, generator=g) / d**0.5, "y": y}
+    if case["level"] == "distill":  # a teacher that correlates with the student, as in specs/kernels.md §8.3
+        x["th"] = x["h"] + 0.2 * torch.randn(N, d, generator=g)
+        x["tW"] = x["W"] + 0.2 * torch.randn(V, d, generator=g) / d**0.5
+    return x
 
 
 def _call(variant: str, case: dict, x: dict) -> None:
@@ -68,14 +84,20 @@ def _call(variant: str, case: dict, x: dict) -> None:
     bwd = case["mode"] != "fwd"
     ctx = torch.enable_grad() if bwd else torch.no_grad()
     with ctx:
+        if case["level"] == "distill":
+            h, W = x["h"].requires_grad_(), x["W"].requires_grad_()
+            div = _distill_variant(variant, h, W, x["th"], x["tW"], x["y"], case["divergence"])
+            torch.autograd.grad(div.sum(), [h, W])
+            return
         if case["level"] == "logits":
             z = x["z"].requires_grad_(bwd)
             logp, ent = _logits_variant(variant, z, x["y"])
             leaves = [z]
         else:
-            h, W = x["h"].requires_grad_(bwd), x["W"].requires_grad_(bwd)
+            frozen = case["mode"] == "fwd+bwd_frozen"  # LoRA-style: the head is frozen, only dh is needed
+            h, W = x["h"].requires_grad_(bwd), x["W"].requires_grad_(bwd and not frozen)
             logp, ent = _hidden_variant(variant, h, W, x["y"])
-            leaves = [h, W]
+            leaves = [h] if frozen else [h, W]
         if bwd:
             weight = torch.ones_like(logp)
             if case["mode"] == "selective":
@@ -88,11 +110,15 @@ def _call(variant: str, case: dict, x: dict) -> None:
 def _logits_variant(variant, z, y):
     import torch
 
-    if variant == "ours":
+    if variant in ("ours", "ours_eager"):
         import kernels
 
+        os.environ["TOKENSEL_KERNELS_COMPILE"] = "0" if variant == "ours_eager" else "auto"
         s = kernels.token_stats_from_logits(z, y)
         return s.logp, s.entropy
+    if variant == "floor_read":
+        m = z.amax(dim=-1)
+        return m, m
     if variant == "naive":
         logq = torch.log_softmax(z, dim=-1)
         return logq.gather(-1, y[:, None]).squeeze(-1), -(logq.exp() * logq).sum(-1)
@@ -116,6 +142,28 @@ def _hidden_variant(variant, h, W, y):
 
     tile = int(variant.removeprefix("trl_tile"))
     return ChunkedLogProbFunction.apply(h, W, None, y, 1.0, tile, None, 1.0, ("entropy",))[:2]
+
+
+def _distill_variant(variant, h, W, th, tW, y, divergence):
+    import torch
+
+    if variant == "ours":
+        import kernels
+
+        s = kernels.token_stats(h, W, y, teacher_hidden=th, teacher_weight=tW, divergences=(divergence,))
+        return getattr(s, divergence)
+    if variant == "naive":
+        logp = torch.log_softmax(h @ W.t(), dim=-1)
+        with torch.no_grad():
+            logq = torch.log_softmax(th @ tW.t(), dim=-1)
+        if divergence == "reverse_kl":
+            return (logp.exp() * (logp - logq)).sum(-1)
+        log_m = torch.logaddexp(logp + torch.log(torch.tensor(0.5)), logq + torch.log(torch.tensor(0.5)))
+        return 0.5 * (logq.exp() * (logq - log_m)).sum(-1) + 0.5 * (logp.exp() * (logp - log_m)).sum(-1)
+    from trl.kernels.chunked_divergence import ChunkedDivergenceFunction
+
+    beta = 1.0 if divergence == "reverse_kl" else 0.5
+    return ChunkedDivergenceFunction.apply(h, W, None, th, tW, None, beta, 1.0)[0]
 
 
 def _rss_kb(field: str) -> int:
@@ -156,6 +204,18 @@ def accuracy(case: dict) -> dict:
     x = _inputs(case)
     rows = slice(0, min(256, case["N"]))
     y = x["y"][rows]
+    if case["level"] == "distill":
+        div = case["divergence"]
+        h = x["h"][rows].clone().requires_grad_()
+        ours = kernels.token_stats(h, x["W"], y, teacher_hidden=x["th"][rows], teacher_weight=x["tW"],
+                                   divergences=(div,))
+        h64 = x["h"][rows].double().requires_grad_()
+        ref = kernels.reference_token_stats(y, hidden=h64, weight=x["W"].double(), teacher_hidden=x["th"][rows].double(),
+                                            teacher_weight=x["tW"].double(), divergences=(div,))
+        (g,) = torch.autograd.grad(getattr(ours, div).sum(), h)
+        (g64,) = torch.autograd.grad(getattr(ref, div).sum(), h64)
+        return {"kl": float((getattr(ours, div).detach().double() - getattr(ref, div).detach()).abs().max()),
+                "grad_rel_err_hidden": float((g.double() - g64).norm() / g64.norm())}
     if case["level"] == "logits":
         ours = kernels.token_stats_from_logits(x["z"][rows], y)
         ref = kernels.reference_token_stats(y, logits=x["z"][rows].double())
@@ -167,9 +227,24 @@ def accuracy(case: dict) -> dict:
 
 
 # ---- driver side --------------------------------------------------------------------------------------------------
+def mandatory_mb(case: dict) -> float:
+    """Bytes of the gradients the call must return anyway (dlogits; dh, dW), part of every variant's peak."""
+    N, V, d = case["N"], case["V"], case["d"]
+    if case["mode"] == "fwd":
+        return 0.0
+    if case["level"] == "logits":
+        return N * V * 4 / 2**20
+    return (N * d + (0 if case["mode"] == "fwd+bwd_frozen" else V * d)) * 4 / 2**20
+
+
 def spawn(spec: dict) -> dict:
+    return spawn_module("benchmarks.token_stats", spec)
+
+
+def spawn_module(module: str, spec: dict) -> dict:
+    """Run ``python -m module --worker spec`` in a fresh process; its last stdout line is the JSON result."""
     env = os.environ | {"MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": str(spec["threads"])}
-    p = subprocess.run([sys.executable, "-m", "benchmarks.token_stats", "--worker", json.dumps(spec)],
+    p = subprocess.run([sys.executable, "-m", module, "--worker", json.dumps(spec)],
                        capture_output=True, text=True, env=env)
     if p.returncode != 0:
         if "out of memory" in p.stderr.lower() or p.returncode == -9:
@@ -192,7 +267,7 @@ def environment(threads: int) -> dict:
 def ratios(results: list[dict]) -> None:
     """Time and memory of every row relative to naive (and ours relative to each peer) of the same case."""
     def key(r):
-        return (r["shape_name"], r["level"], r["mode"] if r["mode"] != "selective" else "fwd+bwd")
+        return (r["shape_name"], r["level"], r["mode"] if r["mode"] != "selective" else "fwd+bwd", r.get("divergence"))
 
     base = {key(r): r for r in results if r["variant"] == "naive" and r["mode"] != "selective"}
     for r in results:
@@ -204,7 +279,7 @@ def ratios(results: list[dict]) -> None:
     ours = {key(r): r for r in results if r["variant"] == "ours" and r["mode"] != "selective"}
     for r in results:
         o = ours.get(key(r))
-        if r["variant"] not in ("ours", "naive") and o and "median_ms" in r:
+        if r["variant"] not in ("ours", "ours_eager", "naive") and o and "median_ms" in r:
             r["ours_speedup"] = r["median_ms"] / o["median_ms"]
             r["ours_memory_ratio"] = o["peak_extra_mb"] / r["peak_extra_mb"] if r["peak_extra_mb"] >= 1 else None
 
@@ -227,6 +302,11 @@ def targets(results: list[dict]) -> list[dict]:
         bar("logits fwd time vs naive", 0.15, lf.get("time_vs_naive"))
         bar("logits fwd time vs TRL CPU path", 0.15, lf["median_ms"] / lt["median_ms"] if lt else None)
         bar("logits fwd extra memory / (N*V*4)", 0.01, lf["peak_extra_mb"] / n_v_bytes)
+        floor = find("logits", "fwd", "floor_read")
+        bar("logits fwd time vs one-read floor", 4.0, lf["median_ms"] / floor["median_ms"] if floor else None)
+    le = find("logits", "fwd", "ours_eager")
+    if le:
+        bar("logits fwd, eager fallback, time vs naive", 0.2, le.get("time_vs_naive"))
     hb = find("hidden", "fwd+bwd", "ours")
     if hb:
         bar("hidden fwd+bwd time vs naive", 1.1, hb.get("time_vs_naive"))
@@ -283,14 +363,14 @@ def main(argv: list[str] | None = None) -> int:
     for case, variant in tqdm(jobs, desc="token_stats benchmark"):
         reps = 3 if args.quick else (7 if case["level"] == "logits" else 3)
         spec = {"case": case, "variant": variant, "threads": args.threads, "reps": reps}
-        row = {**case, "variant": variant, "dtype": "float32"}
+        row = {**case, "variant": variant, "dtype": "float32", "mandatory_mb": mandatory_mb(case)}
         # --quick checks the pipeline (schema, plot) in-process; real numbers need fresh processes.
         run = worker if args.quick else spawn
         timing = run(spec | {"measure": "time"})
         memory = run(spec | {"measure": "memory"}) if "status" not in timing else {}
         row.update(timing | memory)
         row.setdefault("status", "ok")
-        if variant == "ours" and case["mode"] == "fwd":
+        if variant == "ours" and (case["mode"] == "fwd" or case["level"] == "distill"):
             row["max_abs_err"] = accuracy(case)
         results.append(row)
     ratios(results)
@@ -310,11 +390,12 @@ def _num(x) -> float:
 
 
 def print_table(report: dict) -> None:
-    print(f"\n{'shape':<12}{'level':<8}{'mode':<14}{'variant':<15}{'median ms':>11}{'extra MB':>10}"
+    print(f"\n{'shape':<12}{'level':<8}{'mode':<18}{'variant':<15}{'median ms':>11}{'extra MB':>10}"
           f"{'t/naive':>9}{'mem/naive':>10}")
     for r in report["results"]:
-        mode = r["mode"] + (f" {r['keep']}" if r["mode"] == "selective" else "")
-        print(f"{r['shape_name']:<12}{r['level']:<8}{mode:<14}{r['variant']:<15}{r.get('median_ms', float('nan')):>11.1f}"
+        mode = r["mode"] + (f" {r['keep']}" if r["mode"] == "selective" else "") + (
+            f" {r['divergence']}" if "divergence" in r else "")
+        print(f"{r['shape_name']:<12}{r['level']:<8}{mode:<18}{r['variant']:<15}{r.get('median_ms', float('nan')):>11.1f}"
               f"{r.get('peak_extra_mb', float('nan')):>10.1f}{_num(r.get('time_vs_naive')):>9.3f}"
               f"{_num(r.get('memory_vs_naive')):>10.3f}")
     print("\ntargets:")

@@ -11,9 +11,23 @@ def test_token_stats_quick(tmp_path):
     assert (tmp_path / "token_stats_cpu.png").stat().st_size > 0
     assert {"environment", "results", "targets"} <= set(report) and report["quick"] is True
     variants = {(r["level"], r["variant"]) for r in report["results"]}
-    assert {("logits", "ours"), ("logits", "naive"), ("logits", "trl"), ("hidden", "trl_tile4096")} <= variants
+    assert {("logits", "ours"), ("logits", "ours_eager"), ("logits", "naive"), ("logits", "trl"),
+            ("logits", "floor_read"), ("hidden", "trl_tile4096"), ("distill", "ours"), ("distill", "trl")} <= variants
+    assert any(r["mode"] == "fwd+bwd_frozen" for r in report["results"])
     for r in report["results"]:
         assert r["median_ms"] > 0 and "peak_extra_mb" in r
     ours = [r for r in report["results"] if r["variant"] == "ours" and r["mode"] == "fwd"]
     assert all(r["max_abs_err"]["logp"] < 1e-4 for r in ours)
     assert all({"name", "bar", "measured", "pass"} <= set(t) for t in report["targets"])
+
+
+def test_grpo_step_quick(tmp_path):
+    from benchmarks.grpo_step import main as step_main
+
+    assert step_main(["--quick", "--out", str(tmp_path), "--reps", "1"]) == 0
+    report = json.loads((tmp_path / "grpo_step_cpu.json").read_text())
+    assert (tmp_path / "grpo_step_cpu.png").stat().st_size > 0
+    assert {(r["variant"], r["keep"]) for r in report["results"]} == {(v, k) for v in ("tokensel", "trl")
+                                                                      for k in (0.2, 1.0)}
+    ours = [r for r in report["results"] if r["variant"] == "tokensel"]
+    assert all(r["kernel_stats"] and r["median_ms"] > 0 and "time_vs_trl" in r for r in ours)

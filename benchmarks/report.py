@@ -1,0 +1,69 @@
+"""Markdown tables from the benchmark JSONs, for docs/performance.md (so no figure is transcribed by hand).
+
+    python -m benchmarks.report [--dir benchmarks/results]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def _f(x, digits: int = 2) -> str:
+    if x is None:
+        return "—"
+    return f"{x:.{digits}f}" if isinstance(x, float) else str(x)
+
+
+def token_stats_tables(report: dict) -> str:
+    lines = []
+    for shape in dict.fromkeys(r["shape_name"] for r in report["results"]):
+        rows = [r for r in report["results"] if r["shape_name"] == shape]
+        r0 = rows[0]
+        lines += [f"\n### {shape}: N = {r0['N']}, V = {r0['V']}, d = {r0['d']} (fp32)\n",
+                  "| level | mode | variant | median ms | extra MB | time / naive | memory / naive |",
+                  "|---|---|---|---|---|---|---|"]
+        for r in rows:
+            mode = r["mode"] + (f" {r['keep']}" if r["mode"] == "selective" else "") + (
+                f" {r['divergence']}" if "divergence" in r else "")
+            name = f"**{r['variant']}**" if r["variant"] == "ours" else r["variant"]
+            if r.get("status") == "oom":
+                lines.append(f"| {r['level']} | {mode} | {name} | oom | oom | — | — |")
+                continue
+            lines.append(f"| {r['level']} | {mode} | {name} | {r['median_ms']:.0f} | {r['peak_extra_mb']:.1f} | "
+                         f"{_f(r.get('time_vs_naive'))} | {_f(r.get('memory_vs_naive'), 3)} |")
+    return "\n".join(lines)
+
+
+def targets_table(report: dict) -> str:
+    lines = ["| bar | limit | measured | verdict |", "|---|---|---|---|"]
+    for t in report["targets"]:
+        lines.append(f"| {t['name']} | {t['bar']} | {t['measured']:.3f} | {'met' if t['pass'] else '**not met**'} |")
+    return "\n".join(lines)
+
+
+def grpo_step_table(report: dict) -> str:
+    lines = ["| variant | keep | median ms | peak extra MB | time / TRL | memory / TRL |", "|---|---|---|---|---|---|"]
+    for r in report["results"]:
+        lines.append(f"| {r['variant']} | {r['keep']} | {r['median_ms']:.0f} | {r['peak_extra_mb']:.0f} | "
+                     f"{_f(r.get('time_vs_trl'))} | {_f(r.get('memory_vs_trl'))} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dir", default="benchmarks/results")
+    args = ap.parse_args(argv)
+    d = Path(args.dir)
+    for name, render in (("token_stats_cpu.json", lambda r: token_stats_tables(r) + "\n\n" + targets_table(r)),
+                         ("grpo_step_cpu.json", lambda r: grpo_step_table(r) + "\n\n" + targets_table(r))):
+        path = d / name
+        if path.exists():
+            print(f"<!-- {path} -->")
+            print(render(json.loads(path.read_text())) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
