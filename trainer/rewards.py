@@ -6,7 +6,8 @@ completion, instead of a bare traceback from deep inside the rollout.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Hashable, Sequence
 from typing import Any
 
 from .tasks import Task
@@ -66,3 +67,30 @@ def _text(completion: Any) -> str:
     if isinstance(completion, list):
         return "".join(m.get("content", "") for m in completion if isinstance(m, dict))
     return str(completion)
+
+
+def majority_vote(answers: Sequence[Hashable | None], leave_one_out: bool = False) -> list[float | None]:
+    """Label-free reward of test-time RL (TTRL, SPINE; ``specs/entropy_band_grpo.md`` §3.1) for one group.
+
+    ``answers`` are the canonical answers of the group's completions in sample order (``None`` = unparseable). The
+    pseudo-label is the most voted answer, ties going to the tied answer that occurs first in sample order
+    (``Counter.most_common`` order: ``[B, A, A, B]`` gives ``B``). ``r_i = 1`` if ``a_i`` equals the label, else 0;
+    unparseable answers get 0. With ``leave_one_out`` each completion is scored against the label of the other
+    ``G − 1`` (0 when none of them parses). A group with no parseable answer returns ``None`` for every member:
+    TRL reads ``None`` as "unscorable" and gives those rows zero advantage.
+    """
+    if all(a is None for a in answers):
+        return [None] * len(answers)
+    if not leave_one_out:
+        label = _vote(answers)
+        return [float(a is not None and a == label) for a in answers]
+    rewards: list[float | None] = []
+    for i, a in enumerate(answers):
+        label = _vote([b for j, b in enumerate(answers) if j != i])
+        rewards.append(float(a is not None and label is not None and a == label))
+    return rewards
+
+
+def _vote(answers: Sequence[Hashable | None]) -> Hashable | None:
+    counts = Counter(a for a in answers if a is not None)
+    return counts.most_common(1)[0][0] if counts else None
