@@ -101,21 +101,37 @@ def _is_number(v: Any) -> bool:
 def read_wandb_history(path: Path | str) -> list[dict[str, Any]]:
     """History rows of a W&B run file (``run-<id>.wandb``), read offline without the W&B service.
 
-    The file is a LevelDB-style log (a 7-byte ``:W&B`` header, 32 KiB blocks, 7-byte record headers) of protobuf
-    ``Record`` messages; ``history`` records hold the logged metrics as JSON values.
+    The file is a 7-byte ``:W&B`` header followed by a LevelDB-style log (32 KiB blocks, 7-byte record headers,
+    zero trailers) of protobuf ``Record`` messages; ``history`` records hold the logged metrics as JSON values.
+    wandb-core's Go writer counts its blocks from the end of the file header (offset 7), the old Python writer from
+    offset 0: reading with the wrong origin fails only when a record meets a block edge, so both are tried.
     """
-    from wandb.proto import wandb_internal_pb2 as pb
-
     data = Path(path).read_bytes()
     if data[:4] != b":W&B":
         raise ValueError(f"{path}: not a W&B run file")
+    errors = []
+    for origin in (7, 0):
+        try:
+            return _history_rows(data, origin)
+        except ValueError as err:
+            errors.append(f"block origin {origin}: {err}")
+    raise ValueError(f"{path}: cannot parse the W&B log ({'; '.join(errors)})")
+
+
+def _history_rows(data: bytes, origin: int) -> list[dict[str, Any]]:
+    from google.protobuf.message import DecodeError
+    from wandb.proto import wandb_internal_pb2 as pb
+
     block, pos, pending, rows = 32768, 7, b"", []
     while pos + 7 <= len(data):
-        if block - pos % block < 7:  # block trailer too small for a header: skip to the next block
-            pos += block - pos % block
+        left = block - (pos - origin) % block
+        if left < 7:  # block trailer too small for a header: skip to the next block
+            pos += left
             continue
         length = int.from_bytes(data[pos + 4 : pos + 6], "little")
         kind = data[pos + 6]
+        if kind > 4 or length > left - 7:
+            raise ValueError(f"bad record header at byte {pos}")
         chunk = data[pos + 7 : pos + 7 + length]
         pos += 7 + length
         if kind in (1, 2):  # FULL, FIRST
@@ -124,7 +140,10 @@ def read_wandb_history(path: Path | str) -> list[dict[str, Any]]:
             pending += chunk
         if kind in (1, 4) and pending:
             record = pb.Record()
-            record.ParseFromString(pending)
+            try:
+                record.ParseFromString(pending)
+            except DecodeError as err:
+                raise ValueError(f"corrupt record ending at byte {pos}") from err
             if record.WhichOneof("record_type") == "history":
                 rows.append({item.key or "/".join(item.nested_key): json.loads(item.value_json)
                              for item in record.history.item})
