@@ -197,7 +197,8 @@ def token_stats_from_logits(
 
 
 def active_backend(x: Tensor) -> str:
-    """What the trainer logs once as ``kernels/backend``: ``torch``, ``torch+compile`` or ``triton``."""
+    """The backend tensors like ``x`` go to: ``torch`` or ``triton`` (the trainer records it once per run). The
+    compiled fold is a logits-level detail of ``torch`` and is not reported here."""
     ops = backend.resolve(x)
     return ops.name
 

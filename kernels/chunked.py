@@ -1,8 +1,9 @@
 """Chunked torch implementation (all devices): per-token statistics without ``[N, V]`` logits.
 
-Forward: for blocks of ``chunk`` rows, one GEMM into a reused fp32 buffer ``[chunk, V]`` (and one for the teacher),
-then a fold in cache-sized sub-tiles into per-row scalars (``fold.py``). The block is sized so that the buffer stays
-≤ 2^25 elements (128 MB fp32): at V = 152k that is 220 rows, so memory never grows with N.
+Forward: for blocks of ``chunk`` (1024) rows, one GEMM into a reused fp32 buffer, then a fold in cache-sized
+sub-tiles into per-row scalars (``fold.py``). A buffer never exceeds ``MAX_TILE_ELEMS`` = 2^25 elements (128 MB fp32):
+when ``chunk·V`` would, the student-only forward splits the vocabulary into column tiles merged online, and a
+forward with a teacher shrinks the row block instead. Memory never grows with N.
 
 Backward (§3.4): only rows in ``R = grad_rows ∧ (nonzero upstream)`` are recomputed; ``dh = dlogit W``,
 ``dW = dlogitᵀ h`` (skipped when the head is frozen), ``db = Σ dlogit`` (only when the bias needs grad). Rows outside R
@@ -80,15 +81,6 @@ def split_outputs(acc: Tensor, spec: Spec, ctx) -> tuple[Tensor, ...]:
     return outs
 
 
-def _logits(h: Tensor, w: Tensor, b: Tensor | None, buf: Tensor) -> Tensor:
-    """Raw logits of ``h`` into the reused buffer (the temperature is applied after the max shift)."""
-    z = buf[: h.shape[0]]
-    torch.matmul(h.to(w.dtype), w.t(), out=z)
-    if b is not None:
-        z.add_(b)
-    return z
-
-
 class _Head:
     """A head in the accumulation dtype: weight (+ bias) and a reused logits buffer of ``rows × cols`` elements."""
 
@@ -98,11 +90,14 @@ class _Head:
         self.buf = torch.empty(rows * (cols or weight.shape[0]), dtype=acc, device=weight.device)
 
     def logits(self, h: Tensor, cols: slice = slice(None)) -> Tensor:
-        """Raw logits of ``h`` for the vocabulary columns ``cols``, in the reused buffer."""
+        """Raw logits of ``h`` for the vocabulary columns ``cols``, in the reused buffer (the temperature is applied
+        after the max shift, in the fold)."""
         w = self.w[cols]
         z = self.buf[: h.shape[0] * w.shape[0]].view(h.shape[0], w.shape[0])
-        return _logits(h, w, None if self.b is None else self.b[cols], z)
-
+        torch.matmul(h.to(w.dtype), w.t(), out=z)
+        if self.b is not None:
+            z.add_(self.b[cols])
+        return z
 
 
 class EagerOps:
@@ -148,6 +143,7 @@ class EagerOps:
             ut = None if u is None else u[idx].to(saved.dtype)
             d = grad_tile(z[idx].to(saved.dtype), ut, y[part], saved[part], g[part], spec)
             out[idx] = d.to(out.dtype)
+
 
 class HiddenStats(torch.autograd.Function):
     """Statistics of valid, compacted rows ``h [n, d]`` against ``weight [V, d]`` (teacher rows ``th [n, d_t]``)."""

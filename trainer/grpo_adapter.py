@@ -115,7 +115,7 @@ class TokenSelectiveGRPOTrainer(GRPOTrainer):
 
     @property
     def kernels_backend(self) -> str:
-        """``torch``, ``torch+compile`` (logits level only, unused here) or ``triton``; ``trl`` when TRL's head runs."""
+        """``torch`` or ``triton`` when our statistics head runs; ``trl`` when TRL's fused head does."""
         if not self.kernel_stats:
             return "trl"
         return kernels.active_backend(self.model.get_output_embeddings().weight)
