@@ -13,6 +13,8 @@ from dataclasses import dataclass, field, fields
 
 from torch import Tensor
 
+ROW_FIELDS = frozenset({"group_ids", "domain_ids", "rollout_ids", "sample_keep", "band_lo", "band_hi"})
+
 
 @dataclass
 class TokenBatch:
@@ -37,9 +39,12 @@ class TokenBatch:
     # Selections decided once per optimizer step (survive TRL's shuffling and slicing).
     keep: Tensor | None = None  # [B, T] bool
     sample_keep: Tensor | None = None  # [B] bool
-    # Global denominators of the optimizer step; None -> counted on this batch (exact only if it is the step).
+    band_lo: Tensor | None = None  # [B] entropy-band lower edge (entropy_band)
+    band_hi: Tensor | None = None  # [B] entropy-band upper edge (entropy_band)
+    # Global counts of the optimizer step; None -> counted on this batch (exact only if it is the step).
     n_seqs_global: float | None = None
     n_tokens_global: float | None = None
+    n_keep_global: float | None = None  # selected tokens of the step (the KL denominator of entropy_band)
 
     def __post_init__(self) -> None:
         if self.logp.dim() != 2:
@@ -49,7 +54,7 @@ class TokenBatch:
             value = getattr(self, f.name)
             if f.name in {"logp", "advantages"} or not isinstance(value, Tensor):
                 continue
-            expected = shape[:1] if f.name in {"group_ids", "domain_ids", "rollout_ids", "sample_keep"} else shape
+            expected = shape[:1] if f.name in ROW_FIELDS else shape
             if value.shape != expected:
                 raise ValueError(f"TokenBatch.{f.name} has shape {tuple(value.shape)}, expected {tuple(expected)}")
         if self.advantages is not None and self.advantages.shape not in (shape[:1], shape):
@@ -87,6 +92,20 @@ class ObjectiveOutput:
     metrics: dict[str, float] = field(default_factory=dict)
 
 
+@dataclass
+class StepSelection:
+    """What an objective decides once per optimizer step, on the whole (gathered) step.
+
+    ``rows`` are TokenBatch row fields (``keep``, ``sample_keep``, ``band_lo`` ...) over the step's rows in global
+    order; the trainer slices them with each micro-batch. ``counts`` are TokenBatch ``*_global`` fields.
+    ``metrics`` are step-level diagnostics, logged once per step.
+    """
+
+    rows: dict[str, Tensor]
+    counts: dict[str, float]
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
 def advantages_2d(batch: TokenBatch) -> Tensor:
     """Advantages broadcast to ``[B, T]`` (a ``[B]`` advantage applies to every token of its row)."""
     if batch.advantages is None:
@@ -102,4 +121,15 @@ def masked_mean(x: Tensor, m: Tensor) -> float:
     return float(x[m].double().mean().item()) if n else 0.0
 
 
-__all__ = ["TokenBatch", "ObjectiveOutput", "advantages_2d", "masked_mean"]
+def row_advantages(batch: TokenBatch) -> Tensor:
+    """One advantage per row: ``[B]`` as is, ``[B, T]`` as the masked row mean."""
+    if batch.advantages is None:
+        raise ValueError("this objective needs TokenBatch.advantages")
+    adv = batch.advantages
+    if adv.dim() == 1:
+        return adv
+    m = batch.mask.to(adv.dtype)
+    return (adv * m).sum(-1) / m.sum(-1).clamp(min=1.0)
+
+
+__all__ = ["ObjectiveOutput", "StepSelection", "TokenBatch", "advantages_2d", "masked_mean", "row_advantages"]

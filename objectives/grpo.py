@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .contract import ObjectiveOutput, TokenBatch, advantages_2d, masked_mean
+from .contract import ObjectiveOutput, StepSelection, TokenBatch, advantages_2d, masked_mean
 from .selection import SCOPES, top_fraction_mask
 
 LOSS_TYPES: tuple[str, ...] = ("dapo", "bnpo", "grpo", "dr_grpo")
@@ -66,6 +66,11 @@ class GRPOConfig:
         if self.loss_type == "dr_grpo" and not self.max_completion_length:
             raise ValueError("loss_type='dr_grpo' needs max_completion_length")
 
+    @property
+    def ref_coef(self) -> float:
+        """Weight of the reference-model term (the trainer computes reference log-probs only when > 0)."""
+        return self.beta
+
 
 def clipped_policy_loss(logp: Tensor, old_logp: Tensor, adv: Tensor, eps_low: float, eps_high: float) -> Tensor:
     """Per-token PPO-clip loss ``−min(ρA, clip(ρ)A)`` (TRL's sign: a loss to minimise)."""
@@ -80,18 +85,34 @@ def k3_kl(logp: Tensor, ref_logp: Tensor) -> Tensor:
     return torch.exp(d) - d - 1
 
 
-def aggregate(per_token: Tensor, batch: TokenBatch, loss_type: str, max_completion_length: int | None = None) -> Tensor:
-    """Reduce a per-token loss to this micro-batch's share of the step loss (table in the module docstring)."""
+def aggregate(
+    per_token: Tensor,
+    batch: TokenBatch,
+    loss_type: str,
+    max_completion_length: int | None = None,
+    *,
+    denom: Tensor | None = None,
+    n_tokens: float | None = None,
+    n_seqs: float | None = None,
+) -> Tensor:
+    """Reduce a per-token loss to this micro-batch's share of the step loss (table in the module docstring).
+
+    ``denom`` ([B, T], default ``mask``) is what each row's mean divides by under ``grpo``; ``n_tokens`` /
+    ``n_seqs`` override the batch's step counts (objectives whose denominators are the selected set pass them).
+    """
     m = batch.mask.to(per_token.dtype)
+    num = per_token * m
+    n_tok = batch.token_count() if n_tokens is None else n_tokens
+    n_seq = batch.seq_count() if n_seqs is None else n_seqs
     if loss_type in ("dapo", "bnpo"):
-        return (per_token * m).sum() / max(1.0, batch.token_count())
+        return num.sum() / max(1.0, n_tok)
     if loss_type == "grpo":
-        per_seq = (per_token * m).sum(-1) / m.sum(-1).clamp(min=1.0)
-        return per_seq.sum() / batch.seq_count()
+        d = m if denom is None else denom.to(per_token.dtype)
+        return (num.sum(-1) / d.sum(-1).clamp(min=1.0)).sum() / max(1.0, n_seq)
     if loss_type == "dr_grpo":
         if not max_completion_length:
             raise ValueError("loss_type='dr_grpo' needs max_completion_length")
-        return (per_token * m).sum() / (batch.seq_count() * max_completion_length)
+        return num.sum() / (max(1.0, n_seq) * max_completion_length)
     raise ValueError(f"unknown loss_type {loss_type!r}; valid: {', '.join(LOSS_TYPES)}")
 
 
@@ -105,6 +126,23 @@ def select_tokens(batch: TokenBatch, keep: float, scope: str) -> tuple[Tensor, T
     if stat is None:
         raise ValueError("keep < 1 ranks tokens by entropy: TokenBatch needs old_entropy (or entropy)")
     return top_fraction_mask(stat, batch.mask, keep, scope, group_ids=batch.group_ids)
+
+
+def grpo_select(batch: TokenBatch, cfg: GRPOConfig) -> StepSelection:
+    """The step's entropy-ranked token selection, decided once on the whole (gathered) step."""
+    keep, thresholds = select_tokens(batch, cfg.keep, cfg.scope)
+    finite = thresholds[torch.isfinite(thresholds)]
+    return StepSelection(
+        rows={"keep": keep},
+        counts={},
+        metrics={"step_threshold_mean": float(finite.double().mean().item()) if finite.numel() else float("nan")},
+    )
+
+
+def grpo_needs_step_selection(cfg: GRPOConfig, num_iterations: int) -> bool:
+    """A keep < 1 selection spanning rows (per_group / global_batch), or reused over several PPO epochs, must be
+    decided once per step at rollout time; per_sequence with one epoch ranks each micro-batch exactly."""
+    return cfg.keep < 1.0 and (cfg.scope != "per_sequence" or num_iterations > 1)
 
 
 def grpo_loss(batch: TokenBatch, cfg: GRPOConfig) -> ObjectiveOutput:
@@ -153,4 +191,14 @@ def grpo_loss(batch: TokenBatch, cfg: GRPOConfig) -> ObjectiveOutput:
     return ObjectiveOutput(loss=loss, token_weights=weights.detach(), sample_keep=sample_keep, metrics=metrics)
 
 
-__all__ = ["GRPOConfig", "LOSS_TYPES", "aggregate", "clipped_policy_loss", "grpo_loss", "k3_kl", "select_tokens"]
+__all__ = [
+    "GRPOConfig",
+    "LOSS_TYPES",
+    "aggregate",
+    "clipped_policy_loss",
+    "grpo_loss",
+    "grpo_needs_step_selection",
+    "grpo_select",
+    "k3_kl",
+    "select_tokens",
+]

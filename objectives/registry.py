@@ -1,4 +1,4 @@
-"""One explicit registry: objective name -> (config dataclass, loss function).
+"""One explicit registry: objective name -> its config dataclass, loss and once-per-step selection.
 
 ``build("grpo", keep=0.2)`` validates the keyword arguments against the objective's config dataclass (unknown keys
 name the closest valid ones) and returns a callable :class:`Objective`. No auto-discovery, no import side effects.
@@ -11,27 +11,62 @@ from collections.abc import Callable
 from dataclasses import dataclass, fields
 from typing import Any
 
-from .contract import ObjectiveOutput, TokenBatch
-from .grpo import GRPOConfig, grpo_loss
+from .contract import ObjectiveOutput, StepSelection, TokenBatch
+from .d3s import D3SConfig, d3s_loss, d3s_sample_keep, d3s_select
+from .entropy_band import (
+    EntropyBandConfig,
+    entropy_band_loss,
+    entropy_band_needs_step_selection,
+    entropy_band_select,
+)
+from .grpo import GRPOConfig, grpo_loss, grpo_needs_step_selection, grpo_select
 
-REGISTRY: dict[str, tuple[type, Callable[[TokenBatch, Any], ObjectiveOutput]]] = {
-    "grpo": (GRPOConfig, grpo_loss),
+
+@dataclass(frozen=True)
+class Entry:
+    """What a trainer needs to know about an objective.
+
+    * ``loss(batch, cfg)`` — one micro-batch's share of the step loss;
+    * ``select(step, cfg)`` — the selection decided once per optimizer step on the whole gathered step (after the
+      statistics pass), or ``None``;
+    * ``sample_select(step, cfg)`` — ``(sample_keep [N], metrics)`` from advantages and group ids alone, run before
+      the statistics pass so that dropped rollouts do no further work, or ``None``;
+    * ``needs_step_selection(cfg, num_iterations)`` — whether ``select`` must run (else the loss selects exactly on
+      each micro-batch).
+    """
+
+    config: type
+    loss: Callable[[TokenBatch, Any], ObjectiveOutput]
+    select: Callable[[TokenBatch, Any], StepSelection] | None = None
+    sample_select: Callable[[TokenBatch, Any], tuple[Any, dict[str, float]]] | None = None
+    needs_step_selection: Callable[[Any, int], bool] = lambda cfg, num_iterations: False
+
+
+REGISTRY: dict[str, Entry] = {
+    "grpo": Entry(GRPOConfig, grpo_loss, grpo_select, None, grpo_needs_step_selection),
+    "entropy_band": Entry(EntropyBandConfig, entropy_band_loss, entropy_band_select, None,
+                          entropy_band_needs_step_selection),
+    "d3s": Entry(D3SConfig, d3s_loss, d3s_select, d3s_sample_keep, lambda cfg, num_iterations: True),
 }
 
 
 @dataclass(frozen=True)
 class Objective:
-    """A configured objective: ``objective(batch) -> ObjectiveOutput``."""
+    """A configured objective: ``objective(batch) -> ObjectiveOutput``; ``entry`` has its step-level hooks."""
 
     name: str
     config: Any
-    fn: Callable[[TokenBatch, Any], ObjectiveOutput]
+    entry: Entry
 
     def __call__(self, batch: TokenBatch) -> ObjectiveOutput:
-        return self.fn(batch, self.config)
+        return self.entry.loss(batch, self.config)
+
+    def needs_step_selection(self, num_iterations: int) -> bool:
+        return self.entry.needs_step_selection(self.config, num_iterations)
 
 
-def _lookup(name: str) -> tuple[type, Callable]:
+def lookup(name: str) -> Entry:
+    """The registry entry of ``name``; an unknown name lists the registered ones and the closest matches."""
     if name not in REGISTRY:
         close = difflib.get_close_matches(name, REGISTRY, n=3)
         hint = f" Did you mean {', '.join(close)}?" if close else ""
@@ -41,8 +76,8 @@ def _lookup(name: str) -> tuple[type, Callable]:
 
 def build(name: str, **cfg: Any) -> Objective:
     """Build objective ``name`` from keyword config; errors name the key and the closest valid ones."""
-    cls, fn = _lookup(name)
-    valid = [f.name for f in fields(cls)]
+    entry = lookup(name)
+    valid = [f.name for f in fields(entry.config)]
     unknown = [k for k in cfg if k not in valid]
     if unknown:
         parts = []
@@ -50,7 +85,7 @@ def build(name: str, **cfg: Any) -> Objective:
             close = difflib.get_close_matches(k, valid, n=3)
             parts.append(f"{k!r}" + (f" (did you mean {', '.join(close)}?)" if close else ""))
         raise TypeError(f"unknown option(s) for objective {name!r}: {'; '.join(parts)}. Valid: {', '.join(valid)}")
-    return Objective(name=name, config=cls(**cfg), fn=fn)
+    return Objective(name=name, config=entry.config(**cfg), entry=entry)
 
 
 def names() -> list[str]:

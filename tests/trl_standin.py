@@ -26,14 +26,14 @@ class IdentityAccelerator:
 
 
 def trl_loss(logp, old_logp, mask, advantages, entropy, *, loss_type, top_entropy_quantile=1.0, beta=0.0,
-             ref_logp=None, eps_low=0.2, eps_high=0.2, max_completion_length=None):
+             ref_logp=None, eps_low=0.2, eps_high=0.2, max_completion_length=None, importance_sampling_level="token"):
     """TRL 1.16 ``GRPOTrainer._compute_loss`` on given per-token tensors."""
     B, T = logp.shape
     stand_in = SimpleNamespace(
         accelerator=IdentityAccelerator(),
         top_entropy_quantile=top_entropy_quantile,
         off_policy_mask_threshold=None,
-        importance_sampling_level="token",
+        importance_sampling_level=importance_sampling_level,
         beta=beta,
         loss_type=loss_type,
         epsilon_low=eps_low,

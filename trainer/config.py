@@ -159,30 +159,25 @@ def _cross_checks(cfg: DictConfig, objective: objectives.Objective | None, probl
         problems.append(f"model.tiny.architecture: must be qwen2 or llama, got {cfg.model.tiny.architecture!r}")
     if cfg.model.dtype not in ("float32", "bfloat16", "float16"):
         problems.append(f"model.dtype: must be float32, bfloat16 or float16, got {cfg.model.dtype!r}")
+    if cfg.reward.name not in ("verifier", "majority_vote"):
+        problems.append(f"reward.name: must be verifier or majority_vote, got {cfg.reward.name!r}")
     if objective is not None:
-        c = objective.config
-        if step_selection_required(c, t.num_iterations) and t.selection_pass == "never":
+        if objective.needs_step_selection(t.num_iterations) and t.selection_pass == "never":
             problems.append(
-                "trainer.selection_pass: 'never' cannot serve objective.scope="
-                f"{getattr(c, 'scope', '')!r} / num_iterations={t.num_iterations}: the selection must be decided "
-                "once per step on the whole step (set selection_pass=auto)"
+                f"trainer.selection_pass: 'never' cannot serve objective {objective.name!r} with this configuration "
+                f"(num_iterations={t.num_iterations}): its selection must be decided once per step on the whole "
+                "step (set selection_pass=auto)"
             )
-
-
-def step_selection_required(objective_config: Any, num_iterations: int) -> bool:
-    """A keep < 1 selection must be decided once per step, at rollout time, when its scope spans rows
-    (per_group / global_batch) or when several PPO epochs reuse the batch; per_sequence can rank each micro-batch."""
-    keep = getattr(objective_config, "keep", 1.0)
-    scope = getattr(objective_config, "scope", "per_sequence")
-    return keep < 1.0 and (scope != "per_sequence" or num_iterations > 1)
+        if objective.entry.select is None and t.selection_pass == "always":
+            problems.append(f"trainer.selection_pass: objective {objective.name!r} has no step-level selection")
 
 
 def selection_pass_enabled(cfg: DictConfig, objective: objectives.Objective) -> bool:
-    """``trainer.selection_pass``: always / never, or auto = exactly when the selection requires it."""
+    """``trainer.selection_pass``: always / never, or auto = exactly when the objective's selection requires it."""
     setting = cfg.trainer.selection_pass
     if setting != "auto":
         return setting == "always"
-    return step_selection_required(objective.config, cfg.trainer.num_iterations)
+    return objective.needs_step_selection(cfg.trainer.num_iterations)
 
 
 def compose(args: list[str]) -> Resolved:
@@ -204,12 +199,15 @@ def compose(args: list[str]) -> Resolved:
     if obj_name not in objectives.REGISTRY:
         problems.append(f"objective.name: unknown objective {obj_name!r}{_suggest(str(obj_name), objectives.names())}")
     else:
-        cls = objectives.REGISTRY[obj_name][0]
-        if "max_completion_length" in [f.name for f in fields(cls)]:
-            obj_node.setdefault("max_completion_length", cfg.trainer.max_completion_length)
-        built = _check_component(obj_node, "objective", obj_name, cls, problems)
+        entry = objectives.REGISTRY[obj_name]
+        filled = {"max_completion_length": cfg.trainer.max_completion_length,
+                  "num_generations": cfg.trainer.num_generations}
+        for key, value in filled.items():  # trainer facts the objective needs, unless set explicitly
+            if key in [f.name for f in fields(entry.config)]:
+                obj_node.setdefault(key, value)
+        built = _check_component(obj_node, "objective", obj_name, entry.config, problems)
         if built is not None:
-            objective = objectives.Objective(name=obj_name, config=built, fn=objectives.REGISTRY[obj_name][1])
+            objective = objectives.Objective(name=obj_name, config=built, entry=entry)
 
     task_node = OmegaConf.to_container(cfg.task, resolve=True)
     task_config = None

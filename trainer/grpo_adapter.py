@@ -16,9 +16,16 @@ Statistics: when the model's head is plain (no soft-capping / logit scaling), lo
 ``kernels.token_stats`` through ``trainer/stats_head.py`` instead of TRL's fused head, so the head's backward runs
 only on tokens with non-zero weight (``kernels/backward_row_fraction`` in the logs). Other heads use TRL's path.
 
-What we add: step-level global counts (``n_seqs_global``, ``n_tokens_global``), ``group_ids`` / ``rollout_ids``
-per row, an optional rollout-time selection pass (``keep`` [B, T], decided once per step on the gathered batch),
-and the objective's metrics under ``objective/<name>/...``.
+What we add, once per generation batch (= optimizer step), in this order (DESIGN: reward → selection → statistics):
+
+1. ``group_ids`` / ``rollout_ids`` per row; rows every reward function calls unscorable get a zero mask;
+2. the objective's rollout down-sampling (``Entry.sample_select``, D³S) on the gathered advantages; dropped rows
+   leave this rank's batch (padded with zero-mask rows to a multiple of ``steps_per_generation``);
+3. step-level global counts (``n_seqs_global``, ``n_tokens_global``);
+4. when needed, a no-grad statistics pass and the objective's step selection (``Entry.select``) on the gathered
+   step, whose row decisions (``keep``, ``sample_keep``, ``band_lo`` ...) and counts travel with every micro-batch;
+
+and the objective's metrics under ``objective/<name>/...`` (step-level ones logged once per step).
 """
 
 from __future__ import annotations
@@ -29,7 +36,6 @@ from trl import GRPOTrainer
 
 import kernels
 from objectives import Objective, TokenBatch
-from objectives.selection import top_fraction_mask
 
 from .stats_head import add_token_stats_head
 
@@ -55,17 +61,27 @@ class TokenSelectiveGRPOTrainer(GRPOTrainer):
     def _generate_and_score_completions(self, inputs):
         out = super()._generate_and_score_completions(inputs)
         acc = self.accelerator
-        mask = self._loss_mask(out)
-        local_rows = mask.shape[0]
-        device = mask.device
+        local_rows = out["completion_mask"].shape[0]
+        device = out["completion_mask"].device
         first = acc.process_index * local_rows
-        rollout_ids = torch.arange(first, first + local_rows, device=device)
-        out["rollout_ids"] = rollout_ids
-        out["group_ids"] = rollout_ids // self.num_generations
-        out["n_seqs_global"] = torch.tensor(float(local_rows * acc.num_processes), device=device)
+        out["rollout_ids"] = torch.arange(first, first + local_rows, device=device)
+        out["group_ids"] = out["rollout_ids"] // self.num_generations
+        self._drop_unscorable(out)
+        training = self.model.training
+        step_metrics: dict[str, float] = {}
+        before = None
+        if training and self.objective.entry.sample_select is not None:
+            before = self._step_totals(out)
+            step_metrics.update(self._select_samples(out))
+        mask = self._loss_mask(out)
+        rows = torch.tensor([float(mask.shape[0])], device=device)
+        out["n_seqs_global"] = acc.gather(rows).sum()
         out["n_tokens_global"] = acc.gather(mask.sum().float().reshape(1)).sum()
-        if self.selection_pass and self.model.training:
-            out["keep"] = self._step_selection(out, mask)
+        if self.selection_pass and training:
+            step_metrics.update(self._step_selection(out, mask, before))
+        mode = "train" if training else "eval"
+        for k, v in step_metrics.items():  # computed on the gathered step: identical on every rank
+            self._metrics[mode][f"objective/{self.objective.name}/{k}"].append(v)
         return out
 
     @staticmethod
@@ -73,19 +89,101 @@ class TokenSelectiveGRPOTrainer(GRPOTrainer):
         mask = inputs["completion_mask"]
         return mask * inputs["tool_mask"] if "tool_mask" in inputs else mask
 
+    def _progress(self) -> float:
+        """0 at the first optimizer step, 1 at the last (schedules of D³S)."""
+        return self.state.global_step / max(1, self.state.max_steps - 1)
+
+    def _drop_unscorable(self, out) -> None:
+        """Rows that every reward function calls unscorable (e.g. no completion of the group parses, under the
+        majority vote) leave the loss entirely: TRL already zeroes their advantage; we also zero their mask so that
+        entropy-band and KL terms do not act on them and they leave the denominators."""
+        flags = [getattr(f, "unscorable", None) for f in self.reward_funcs]
+        if not flags or any(f is None or len(f) != out["completion_mask"].shape[0] for f in flags):
+            return
+        rows = torch.tensor([all(col) for col in zip(*flags, strict=True)], device=out["completion_mask"].device)
+        if rows.any():
+            out["completion_mask"] = out["completion_mask"] * (~rows).to(out["completion_mask"].dtype)[:, None]
+
+    def _step_totals(self, out) -> tuple[int, float]:
+        """Rows and valid tokens of the whole generation batch (all ranks), before any is dropped."""
+        m = self._loss_mask(out)
+        t = self.accelerator.gather(torch.tensor([[float(m.shape[0]), float(m.sum())]], device=m.device)).sum(0)
+        return int(t[0]), float(t[1])
+
     @torch.no_grad()
-    def _step_selection(self, out, mask: torch.Tensor) -> torch.Tensor:
-        """Rank tokens once per step on the old policy's entropy, over the gathered step (any scope)."""
-        cfg = self.objective.config
+    def _select_samples(self, out) -> dict[str, float]:
+        """Rollout down-sampling on the gathered generation batch, before the statistics pass; the dropped rows
+        are removed from this rank's batch so that they cost no further forward or backward work."""
+        acc = self.accelerator
+        adv = out["advantages"]
+        step = TokenBatch(
+            logp=adv.new_zeros(adv.shape[0] * acc.num_processes, 1),
+            mask=torch.ones(adv.shape[0] * acc.num_processes, 1, device=adv.device),
+            advantages=acc.gather(adv if adv.dim() == 1 else (adv * self._loss_mask(out)).sum(-1)
+                                  / self._loss_mask(out).sum(-1).clamp(min=1)),
+            group_ids=acc.gather(out["group_ids"]),
+            progress=self._progress(),
+        )
+        keep, metrics = self.objective.entry.sample_select(step, self.objective.config)
+        rows = adv.shape[0]
+        self._compact(out, keep[acc.process_index * rows : (acc.process_index + 1) * rows])
+        return metrics
+
+    def _compact(self, out, keep: torch.Tensor) -> None:
+        """Keep this rank's selected rows, padded with dropped rows (zero mask, ``sample_keep`` False) up to a
+        multiple of ``steps_per_generation``, so that every rank still runs the same number of micro-steps."""
+        spg = self.args.steps_per_generation
+        kept, dropped = keep.nonzero().flatten(), (~keep).nonzero().flatten()
+        n = max(spg, -(-kept.numel() // spg) * spg)
+        order = torch.cat([kept, dropped[: n - kept.numel()]])
+        rows = keep.shape[0]
+        for k, v in list(out.items()):
+            if torch.is_tensor(v) and v.dim() >= 1 and v.shape[0] == rows:
+                out[k] = v[order]
+            elif isinstance(v, list) and len(v) == rows:
+                out[k] = [v[i] for i in order.tolist()]
+        sample_keep = torch.arange(n, device=keep.device) < kept.numel()
+        out["sample_keep"] = sample_keep
+        out["completion_mask"] = out["completion_mask"] * sample_keep.to(out["completion_mask"].dtype)[:, None]
+
+    @torch.no_grad()
+    def _step_selection(self, out, mask: torch.Tensor, before: tuple[int, float] | None) -> dict[str, float]:
+        """The objective's once-per-step selection on the gathered step (old-policy statistics of every rank's
+        rows, in global row order); each rank keeps its slice of the row decisions and the global counts."""
         _, entropy, _ = self._statistics(self.model, out, compute_entropy=True)
         acc = self.accelerator
-        ent = acc.gather(acc.pad_across_processes(entropy, dim=1, pad_index=0.0))
-        m = acc.gather(acc.pad_across_processes(mask, dim=1, pad_index=0))
-        groups = acc.gather(out["group_ids"])
-        keep, _ = top_fraction_mask(ent, m, cfg.keep, cfg.scope, group_ids=groups)
         rows = mask.shape[0]
-        local = keep[acc.process_index * rows : (acc.process_index + 1) * rows, : mask.shape[1]]
-        return local & mask.bool()
+        counts = acc.gather(torch.tensor([rows], device=mask.device))
+        real = torch.cat([torch.arange(int(counts.max()), device=mask.device) < int(c) for c in counts])
+
+        def gather_rows(x: torch.Tensor, pad) -> torch.Tensor:
+            if x.dim() == 2:
+                x = acc.pad_across_processes(x, dim=1, pad_index=pad)
+            return acc.gather(acc.pad_across_processes(x, dim=0, pad_index=pad))[real]
+
+        sample_keep = out.get("sample_keep")
+        step = TokenBatch(
+            logp=gather_rows(torch.zeros_like(entropy), 0.0),
+            mask=gather_rows(mask, 0),
+            advantages=gather_rows(out["advantages"], 0.0),
+            old_entropy=gather_rows(entropy, 0.0),
+            group_ids=gather_rows(out["group_ids"], -1),
+            rollout_ids=gather_rows(out["rollout_ids"], -1),
+            sample_keep=None if sample_keep is None else gather_rows(sample_keep, False),
+            progress=self._progress(),
+        )
+        kwargs = {}
+        if before is not None:  # metrics relative to the whole generation batch, before rollouts were dropped
+            kwargs = {"n_rows_all": before[0], "n_valid_all": before[1]}
+        sel = self.objective.entry.select(step, self.objective.config, **kwargs)
+        start = int(counts[: acc.process_index].sum())
+        T = mask.shape[1]
+        for k, v in sel.rows.items():
+            local = v[start : start + rows]
+            out[k] = local[:, :T] & mask.bool() if k == "keep" else local
+        for k, v in sel.counts.items():
+            out[k] = torch.tensor(float(v), device=mask.device)
+        return sel.metrics
 
     def _statistics(self, model, inputs, compute_entropy: bool):
         """(logp, entropy, None) of the completion tokens, ``[B, T]`` each."""
@@ -126,7 +224,6 @@ class TokenSelectiveGRPOTrainer(GRPOTrainer):
         mask = self._loss_mask(inputs)
         if self.kernel_stats:
             self._valid_rows = int(inputs["completion_mask"].sum())
-        max_steps = max(1, self.state.max_steps)
         batch = TokenBatch(
             logp=logp,
             mask=mask,
@@ -138,9 +235,13 @@ class TokenSelectiveGRPOTrainer(GRPOTrainer):
             group_ids=inputs.get("group_ids"),
             rollout_ids=inputs.get("rollout_ids"),
             keep=inputs.get("keep"),
+            sample_keep=inputs.get("sample_keep"),
+            band_lo=inputs.get("band_lo"),
+            band_hi=inputs.get("band_hi"),
             n_seqs_global=_item(inputs.get("n_seqs_global")),
             n_tokens_global=_item(inputs.get("n_tokens_global")),
-            progress=self.state.global_step / max_steps,
+            n_keep_global=_item(inputs.get("n_keep_global")),
+            progress=self._progress(),
         )
         out = self.objective(batch)
         if not torch.isfinite(out.loss):

@@ -91,6 +91,67 @@ def majority_vote(answers: Sequence[Hashable | None], leave_one_out: bool = Fals
     return rewards
 
 
+class MajorityVoteReward:
+    """TRL reward function of label-free test-time RL: the group's majority answer is the pseudo-label.
+
+    TRL calls reward functions on each rank's local rows, and its sampler may split one prompt's group over two
+    ranks, so the answers are gathered from every rank (in rank order = global row order), voted per group of
+    ``num_generations`` consecutive rows, and the local slice is returned. Labels in the dataset are never read.
+    Groups where no completion parses return ``None`` (TRL: unscorable, zero advantage); ``unscorable`` holds the
+    local rows of the last call so that the trainer can drop them from every loss term. The vote's diagnostics go
+    to ``reward/majority_vote/*`` through TRL's ``log_metric``.
+    """
+
+    __name__ = "majority_vote"  # TRL logs rewards/<__name__>/mean
+
+    def __init__(self, task: Task, num_generations: int, leave_one_out: bool = False) -> None:
+        self.task = task
+        self.num_generations = num_generations
+        self.leave_one_out = leave_one_out
+        self.unscorable: list[bool] = []
+
+    def __call__(self, prompts: list[Any], completions: list[Any], **kwargs: Any) -> list[float | None]:
+        from accelerate import PartialState
+        from accelerate.utils import gather_object
+
+        answers = []
+        for i, completion in enumerate(completions):
+            try:
+                answers.append(self.task.extract(_text(completion)))
+            except Exception as e:  # noqa: BLE001 - re-raised with context
+                raise RewardFunctionError(
+                    f"majority_vote: task {self.task.name!r} failed to extract an answer on row {i} "
+                    f"(completion {_text(completion)[:120]!r}): {type(e).__name__}: {e}"
+                ) from e
+        everyone = gather_object(answers) if PartialState().num_processes > 1 else answers
+        g = self.num_generations
+        if len(everyone) % g:
+            raise RewardFunctionError(f"majority_vote: {len(everyone)} gathered rows are not groups of {g}")
+        rewards: list[float | None] = []
+        shares, unanimous, skipped = [], 0, 0
+        for start in range(0, len(everyone), g):
+            group = everyone[start : start + g]
+            rewards.extend(majority_vote(group, self.leave_one_out))
+            counts = Counter(a for a in group if a is not None)
+            if not counts:
+                skipped += 1
+                continue
+            top = counts.most_common(1)[0][1]
+            shares.append(top / g)
+            unanimous += top == g
+        n_groups = len(everyone) // g
+        log = kwargs.get("log_metric")
+        if log is not None:  # every rank logs the same (gathered) values; TRL averages them
+            log("reward/majority_vote/label_share", sum(shares) / len(shares) if shares else 0.0)
+            log("reward/majority_vote/unanimous_frac", unanimous / max(1, n_groups))
+            log("reward/majority_vote/unparseable_frac", sum(a is None for a in everyone) / max(1, len(everyone)))
+            log("reward/majority_vote/skipped_group_frac", skipped / max(1, n_groups))
+        first = PartialState().process_index * len(completions)
+        local = rewards[first : first + len(completions)]
+        self.unscorable = [r is None for r in local]
+        return local
+
+
 def _vote(answers: Sequence[Hashable | None]) -> Hashable | None:
     counts = Counter(a for a in answers if a is not None)
     return counts.most_common(1)[0][0] if counts else None

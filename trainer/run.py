@@ -19,7 +19,7 @@ from .config import Resolved, selection_pass_enabled
 from .evaluate import evaluate
 from .grpo_adapter import TokenSelectiveGRPOTrainer
 from .modeling import build_model, count_parameters
-from .rewards import task_reward
+from .rewards import MajorityVoteReward, task_reward
 from .tasks import TASKS
 from .tracking import CompactProgress, MetricsCallback, init_wandb
 from .warmup import cache_key, warm_start
@@ -106,9 +106,9 @@ def run(resolved: Resolved) -> dict[str, Any]:
     trainer = TokenSelectiveGRPOTrainer(
         model=model,
         processing_class=tokenizer,
-        reward_funcs=[task_reward(task)],
+        reward_funcs=[reward_function(cfg, task)],
         args=grpo_args(cfg, resolved.objective, run_dir),
-        train_dataset=Dataset.from_list(train_rows),
+        train_dataset=Dataset.from_list(training_rows(cfg, train_rows)),
         callbacks=[callback],
         objective=resolved.objective,
         selection_pass=selection_pass_enabled(cfg, resolved.objective),
@@ -158,6 +158,21 @@ def run(resolved: Resolved) -> dict[str, Any]:
     return summary
 
 
+def reward_function(cfg, task):
+    """The task's verifier, or the label-free majority vote of test-time RL."""
+    if cfg.reward.name == "majority_vote":
+        return MajorityVoteReward(task, cfg.trainer.num_generations, cfg.reward.leave_one_out)
+    return task_reward(task)
+
+
+def training_rows(cfg, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Label-free runs never see the labels: only the prompts reach the trainer (held-out evaluation still
+    scores against them)."""
+    if cfg.reward.name == "majority_vote":
+        return [{"prompt": r["prompt"]} for r in rows]
+    return rows
+
+
 def grpo_args(cfg, objective, run_dir: Path):
     from trl import GRPOConfig
 
@@ -182,7 +197,7 @@ def grpo_args(cfg, objective, run_dir: Path):
         top_p=t.top_p,
         num_iterations=t.num_iterations,
         # TRL computes ref log-probs and loads a reference model only when beta > 0.
-        beta=float(getattr(c, "beta", 0.0)),
+        beta=float(c.ref_coef),
         loss_type=getattr(c, "loss_type", "dapo"),
         epsilon=float(getattr(c, "epsilon_low", 0.2)),
         epsilon_high=float(getattr(c, "epsilon_high", 0.2)),

@@ -84,6 +84,13 @@ class EvalConfig:
 
 
 @dataclass
+class RewardConfig:
+    name: str = F("verifier", "verifier: the task's checker against the labels | majority_vote: label-free "
+                  "test-time RL (TTRL), the group's most common answer is the pseudo-label")
+    leave_one_out: bool = F(False, "majority_vote: score each completion against the vote of the other G - 1")
+
+
+@dataclass
 class TrackingConfig:
     wandb: str = F("auto", "auto | online | offline | disabled: auto is online with an API key, else offline")
     project: str = F("tokensel", "W&B project")
@@ -109,6 +116,7 @@ class TokenselConfig:
     objective: Any = F({"name": "grpo"}, "objective node, validated against the objective's own dataclass")
     warmup: WarmupConfig = field(default_factory=WarmupConfig)
     trainer: GRPOTrainerConfig = field(default_factory=GRPOTrainerConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
