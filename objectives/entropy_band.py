@@ -233,6 +233,8 @@ def entropy_band_select(batch: TokenBatch, cfg: EntropyBandConfig) -> StepSelect
     else:
         lo, hi = band_bounds(h_old, forking, cfg.band, cfg.q_lo, cfg.q_hi)
     n_tok, n_f = float(valid.sum().item()), float(forking.sum().item())
+    # rows the trainer dropped (unscorable groups) leave N_seq; rows merely without valid tokens stay (TRL parity)
+    n_seq = float(batch.sample_keep.sum().item()) if batch.sample_keep is not None else float(valid.shape[0])
     rows_with_tokens = valid.any(-1)
     finite = taus[torch.isfinite(taus)].double()
     has_f = forking.any(-1)
@@ -251,7 +253,7 @@ def entropy_band_select(batch: TokenBatch, cfg: EntropyBandConfig) -> StepSelect
     }
     return StepSelection(
         rows={"keep": forking, "band_lo": lo, "band_hi": hi},
-        counts={"n_tokens_global": n_tok, "n_seqs_global": float(batch.logp.shape[0]), "n_keep_global": n_f},
+        counts={"n_tokens_global": n_tok, "n_seqs_global": n_seq, "n_keep_global": n_f},
         metrics=metrics,
     )
 

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+import objectives
 from trainer.config import CONFIG_DIR, ConfigError, compose, experiments
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -17,7 +18,21 @@ def test_every_experiment_composes(name):
     r = compose([f"+experiment={name}"])
     assert r.cfg.experiment == name
     assert r.cfg.description, "every experiment says in one line what it shows"
-    assert r.objective.name in ("grpo",)
+    assert r.objective.name in objectives.names()
+    assert r.objective.config.max_completion_length == r.cfg.trainer.max_completion_length
+
+
+def test_trainer_facts_fill_objective_configs_and_bad_values_fail():
+    r = compose(["+experiment=d3s", "trainer.num_generations=16"])
+    assert (r.objective.config.n_init, r.objective.config.n_final) == (4, 8)
+    with pytest.raises(ConfigError, match="objective.n_init"):
+        compose(["+experiment=d3s", "objective.n_init=x"])
+    with pytest.raises(ConfigError, match="reward.name"):
+        compose(["+experiment=ttrl", "reward.name=oracle"])
+    with pytest.raises(ConfigError, match="selection_pass"):
+        compose(["+experiment=d3s", "trainer.selection_pass=never"])
+    with pytest.raises(ConfigError, match="did you mean objective.lambda_lo"):
+        compose(["+experiment=spine", "objective.lambda_low=0.1"])
 
 
 def test_experiment_list_has_descriptions():

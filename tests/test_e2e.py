@@ -79,6 +79,31 @@ def test_step_level_selection_pass(tmp_path, scope):
     assert 0.0 < summary["kept_token_fraction"] < 1.0
 
 
+@pytest.mark.parametrize(
+    "experiment, prefix",
+    [("grpo", "objective/grpo/"), ("grpo_top_entropy", "objective/grpo/"), ("spine", "objective/entropy_band/"),
+     ("ttrl", "reward/majority_vote/"), ("ttrl_spine", "objective/entropy_band/"), ("d3s", "objective/d3s/"),
+     ("d3s_gspo", "objective/d3s/")],
+)
+def test_issue4_experiments_run_end_to_end(tmp_path, experiment, prefix):
+    run_dir, summary = run_small(tmp_path, "tracking.wandb=disabled", experiment=experiment)
+    assert summary["rl_steps"] == 3 and summary["accuracy_after"] is not None
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    keys = {k for m in metrics for k in m}
+    assert any(k.startswith(prefix) or k.startswith("train/" + prefix) for k in keys), sorted(keys)
+    if experiment.startswith("ttrl"):
+        assert "train/reward/majority_vote/label_share" in keys
+    if experiment.startswith("spine") or experiment == "ttrl_spine":
+        assert (run_dir / "reference").is_dir()  # the KL anchor: the warm-started weights, written for TRL
+        assert "objective/entropy_band/kl" in keys and "objective/entropy_band/band_lo_mean" in keys
+    if experiment.startswith("d3s"):
+        kept = [m["objective/d3s/kept_sample_frac"] for m in metrics if "objective/d3s/kept_sample_frac" in m]
+        assert kept and all(0 < k < 1 for k in kept)
+        # dropped rollouts do no work: the statistics rows of the loss pass are only the kept rollouts'
+        rows = [m["kernels/rows_valid"] for m in metrics if "kernels/rows_valid" in m]
+        assert rows and all(0 < r < 16 * 6 for r in rows)
+
+
 def test_local_model_dir_and_local_jsonl(tmp_path):
     """Real-use path: model.name_or_path=<dir> and task=file with a local JSONL go through the same code."""
     from trainer.modeling import build_model

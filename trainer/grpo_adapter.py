@@ -37,6 +37,7 @@ from trl import GRPOTrainer
 import kernels
 from objectives import Objective, TokenBatch
 
+from . import step_selection
 from .stats_head import add_token_stats_head
 
 
@@ -62,32 +63,25 @@ class TokenSelectiveGRPOTrainer(GRPOTrainer):
         out = super()._generate_and_score_completions(inputs)
         acc = self.accelerator
         local_rows = out["completion_mask"].shape[0]
-        device = out["completion_mask"].device
         first = acc.process_index * local_rows
-        out["rollout_ids"] = torch.arange(first, first + local_rows, device=device)
+        out["rollout_ids"] = torch.arange(first, first + local_rows, device=out["completion_mask"].device)
         out["group_ids"] = out["rollout_ids"] // self.num_generations
         self._drop_unscorable(out)
         training = self.model.training
-        step_metrics: dict[str, float] = {}
+        metrics: dict[str, float] = {}
         before = None
         if training and self.objective.entry.sample_select is not None:
-            before = self._step_totals(out)
-            step_metrics.update(self._select_samples(out))
-        mask = self._loss_mask(out)
-        rows = torch.tensor([float(mask.shape[0])], device=device)
-        out["n_seqs_global"] = acc.gather(rows).sum()
-        out["n_tokens_global"] = acc.gather(mask.sum().float().reshape(1)).sum()
+            before = step_selection.step_totals(acc, out)
+            metrics.update(step_selection.select_samples(acc, out, self.objective, self._progress(),
+                                                         self.args.steps_per_generation))
+        step_selection.step_counts(acc, out)
         if self.selection_pass and training:
-            step_metrics.update(self._step_selection(out, mask, before))
+            _, entropy, _ = self._statistics(self.model, out, compute_entropy=True)
+            metrics.update(step_selection.select_step(acc, out, entropy, self.objective, self._progress(), before))
         mode = "train" if training else "eval"
-        for k, v in step_metrics.items():  # computed on the gathered step: identical on every rank
+        for k, v in metrics.items():  # computed on the gathered step: identical on every rank
             self._metrics[mode][f"objective/{self.objective.name}/{k}"].append(v)
         return out
-
-    @staticmethod
-    def _loss_mask(inputs) -> torch.Tensor:
-        mask = inputs["completion_mask"]
-        return mask * inputs["tool_mask"] if "tool_mask" in inputs else mask
 
     def _progress(self) -> float:
         """0 at the first optimizer step, 1 at the last (schedules of D³S)."""
@@ -96,94 +90,14 @@ class TokenSelectiveGRPOTrainer(GRPOTrainer):
     def _drop_unscorable(self, out) -> None:
         """Rows that every reward function calls unscorable (e.g. no completion of the group parses, under the
         majority vote) leave the loss entirely: TRL already zeroes their advantage; we also zero their mask so that
-        entropy-band and KL terms do not act on them and they leave the denominators."""
+        entropy-band and KL terms do not act on them and they leave the denominators (``sample_keep`` False)."""
         flags = [getattr(f, "unscorable", None) for f in self.reward_funcs]
         if not flags or any(f is None or len(f) != out["completion_mask"].shape[0] for f in flags):
             return
         rows = torch.tensor([all(col) for col in zip(*flags, strict=True)], device=out["completion_mask"].device)
         if rows.any():
             out["completion_mask"] = out["completion_mask"] * (~rows).to(out["completion_mask"].dtype)[:, None]
-
-    def _step_totals(self, out) -> tuple[int, float]:
-        """Rows and valid tokens of the whole generation batch (all ranks), before any is dropped."""
-        m = self._loss_mask(out)
-        t = self.accelerator.gather(torch.tensor([[float(m.shape[0]), float(m.sum())]], device=m.device)).sum(0)
-        return int(t[0]), float(t[1])
-
-    @torch.no_grad()
-    def _select_samples(self, out) -> dict[str, float]:
-        """Rollout down-sampling on the gathered generation batch, before the statistics pass; the dropped rows
-        are removed from this rank's batch so that they cost no further forward or backward work."""
-        acc = self.accelerator
-        adv = out["advantages"]
-        step = TokenBatch(
-            logp=adv.new_zeros(adv.shape[0] * acc.num_processes, 1),
-            mask=torch.ones(adv.shape[0] * acc.num_processes, 1, device=adv.device),
-            advantages=acc.gather(adv if adv.dim() == 1 else (adv * self._loss_mask(out)).sum(-1)
-                                  / self._loss_mask(out).sum(-1).clamp(min=1)),
-            group_ids=acc.gather(out["group_ids"]),
-            progress=self._progress(),
-        )
-        keep, metrics = self.objective.entry.sample_select(step, self.objective.config)
-        rows = adv.shape[0]
-        self._compact(out, keep[acc.process_index * rows : (acc.process_index + 1) * rows])
-        return metrics
-
-    def _compact(self, out, keep: torch.Tensor) -> None:
-        """Keep this rank's selected rows, padded with dropped rows (zero mask, ``sample_keep`` False) up to a
-        multiple of ``steps_per_generation``, so that every rank still runs the same number of micro-steps."""
-        spg = self.args.steps_per_generation
-        kept, dropped = keep.nonzero().flatten(), (~keep).nonzero().flatten()
-        n = max(spg, -(-kept.numel() // spg) * spg)
-        order = torch.cat([kept, dropped[: n - kept.numel()]])
-        rows = keep.shape[0]
-        for k, v in list(out.items()):
-            if torch.is_tensor(v) and v.dim() >= 1 and v.shape[0] == rows:
-                out[k] = v[order]
-            elif isinstance(v, list) and len(v) == rows:
-                out[k] = [v[i] for i in order.tolist()]
-        sample_keep = torch.arange(n, device=keep.device) < kept.numel()
-        out["sample_keep"] = sample_keep
-        out["completion_mask"] = out["completion_mask"] * sample_keep.to(out["completion_mask"].dtype)[:, None]
-
-    @torch.no_grad()
-    def _step_selection(self, out, mask: torch.Tensor, before: tuple[int, float] | None) -> dict[str, float]:
-        """The objective's once-per-step selection on the gathered step (old-policy statistics of every rank's
-        rows, in global row order); each rank keeps its slice of the row decisions and the global counts."""
-        _, entropy, _ = self._statistics(self.model, out, compute_entropy=True)
-        acc = self.accelerator
-        rows = mask.shape[0]
-        counts = acc.gather(torch.tensor([rows], device=mask.device))
-        real = torch.cat([torch.arange(int(counts.max()), device=mask.device) < int(c) for c in counts])
-
-        def gather_rows(x: torch.Tensor, pad) -> torch.Tensor:
-            if x.dim() == 2:
-                x = acc.pad_across_processes(x, dim=1, pad_index=pad)
-            return acc.gather(acc.pad_across_processes(x, dim=0, pad_index=pad))[real]
-
-        sample_keep = out.get("sample_keep")
-        step = TokenBatch(
-            logp=gather_rows(torch.zeros_like(entropy), 0.0),
-            mask=gather_rows(mask, 0),
-            advantages=gather_rows(out["advantages"], 0.0),
-            old_entropy=gather_rows(entropy, 0.0),
-            group_ids=gather_rows(out["group_ids"], -1),
-            rollout_ids=gather_rows(out["rollout_ids"], -1),
-            sample_keep=None if sample_keep is None else gather_rows(sample_keep, False),
-            progress=self._progress(),
-        )
-        kwargs = {}
-        if before is not None:  # metrics relative to the whole generation batch, before rollouts were dropped
-            kwargs = {"n_rows_all": before[0], "n_valid_all": before[1]}
-        sel = self.objective.entry.select(step, self.objective.config, **kwargs)
-        start = int(counts[: acc.process_index].sum())
-        T = mask.shape[1]
-        for k, v in sel.rows.items():
-            local = v[start : start + rows]
-            out[k] = local[:, :T] & mask.bool() if k == "keep" else local
-        for k, v in sel.counts.items():
-            out[k] = torch.tensor(float(v), device=mask.device)
-        return sel.metrics
+            out["sample_keep"] = ~rows
 
     def _statistics(self, model, inputs, compute_entropy: bool):
         """(logp, entropy, None) of the completion tokens, ``[B, T]`` each."""
@@ -221,7 +135,7 @@ class TokenSelectiveGRPOTrainer(GRPOTrainer):
     # ---- loss ----------------------------------------------------------------------------------------------------
     def _compute_loss(self, model, inputs):
         logp, entropy, _ = self._statistics(model, inputs, compute_entropy=True)
-        mask = self._loss_mask(inputs)
+        mask = step_selection.loss_mask(inputs)
         if self.kernel_stats:
             self._valid_rows = int(inputs["completion_mask"].sum())
         batch = TokenBatch(

@@ -103,6 +103,8 @@ def run(resolved: Resolved) -> dict[str, Any]:
     if main:
         metrics_path.unlink(missing_ok=True)
     callback = MetricsCallback(metrics_path, wandb_run, resolved.objective.name)
+    if resolved.objective.config.ref_coef > 0:
+        reference_path(model, tokenizer, run_dir)
     trainer = TokenSelectiveGRPOTrainer(
         model=model,
         processing_class=tokenizer,
@@ -156,6 +158,18 @@ def run(resolved: Resolved) -> dict[str, Any]:
             wandb_run.finish()
         print_summary(summary)
     return summary
+
+
+def reference_path(model, tokenizer, run_dir: Path) -> None:
+    """TRL builds the reference model of a KL term from ``model.config._name_or_path``; a locally built (and
+    warmed-up) model has no such path, so the pre-adaptation weights are written to ``<run>/reference`` first."""
+    current = model.config._name_or_path
+    if current and Path(current).is_dir() or current and not Path(current).exists() and "/" in current:
+        return  # a local directory or a hub id: TRL loads it itself
+    target = run_dir / "reference" / f"rank{int(os.environ.get('RANK', '0'))}"
+    model.save_pretrained(target)
+    tokenizer.save_pretrained(target)
+    model.config._name_or_path = str(target)
 
 
 def reward_function(cfg, task):

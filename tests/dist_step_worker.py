@@ -1,0 +1,110 @@
+"""One fixed fp64 optimizer step through the trainer's step-level code, on 1 process or under torchrun (gloo).
+
+For each objective and each micro-batch count, every rank takes its contiguous slice of the generation batch, runs
+``trainer.step_selection`` (rollout down-sampling, counts, the gathered step selection) exactly as the GRPO adapter
+does, shuffles and splits its rows into micro-batches, and back-propagates each micro-batch's share into parameters
+``theta`` (log-probs) and ``phi`` (entropies) that every rank holds, like DDP's replicas. Gradients are summed over
+ranks. Rank 0 saves the step loss, the gradients and the token selection (in global row order) to ``argv[1]``.
+"""
+
+import sys
+
+import torch
+import torch.distributed as dist
+from accelerate import Accelerator
+
+import objectives
+from objectives import TokenBatch
+from trainer import step_selection
+
+B, T, G = 16, 6, 4
+CASES = {
+    "grpo_global": ("grpo", {"keep": 0.2, "scope": "global_batch"}),
+    "band_per_group_kl": ("entropy_band", {"keep": 0.4, "scope": "per_group", "kl_coef": 0.1, "lambda_lo": 0.5,
+                                           "lambda_hi": 0.5, "loss_type": "grpo"}),
+    "band_per_sequence": ("entropy_band", {"lambda_lo": 0.5, "lambda_hi": 0.5}),
+    "band_otsu_global": ("entropy_band", {"method": "otsu", "scope": "global_batch", "band": "median_mad",
+                                          "keep": 0.2, "loss_type": "dr_grpo", "max_completion_length": T}),
+    "d3s": ("d3s", {"num_generations": G}),
+    "d3s_gspo_valid": ("d3s", {"num_generations": G, "importance_sampling_level": "sequence", "loss_type": "grpo",
+                               "token_normalizer": "valid", "token_scope": "per_sequence"}),
+}
+PROGRESS = 0.5
+
+
+def step_tensors():
+    g = torch.Generator().manual_seed(1234)
+    d = torch.float64
+    lengths = torch.randint(1, T + 1, (B,), generator=g)
+    mask = (torch.arange(T)[None] < lengths[:, None]).long()
+    rewards = (torch.rand(B, generator=g) < 0.5).to(d)
+    rewards[:G] = 1.0  # one unanimous group: zero advantage
+    grouped = rewards.view(-1, G)
+    adv = ((grouped - grouped.mean(1, keepdim=True)) / (grouped.std(1, keepdim=True) + 1e-4)).flatten()
+    theta = -torch.rand(B, T, generator=g, dtype=d) * 2
+    return {
+        "mask": mask,
+        "advantages": adv,
+        "theta": theta,
+        "old_logp": theta + 0.1 * torch.randn(B, T, generator=g, dtype=d),
+        "ref_logp": theta + 0.1 * torch.randn(B, T, generator=g, dtype=d),
+        "old_entropy": torch.rand(B, T, generator=g, dtype=d) * 3,
+    }
+
+
+def run_case(acc, name, micro_batches, data):
+    obj_name, cfg = CASES[name]
+    objective = objectives.build(obj_name, **cfg)
+    world, rank = acc.num_processes, acc.process_index
+    rows = B // world
+    ids = torch.arange(rank * rows, (rank + 1) * rows)
+    out = {"completion_mask": data["mask"][ids].clone(), "advantages": data["advantages"][ids].clone(),
+           "rollout_ids": ids.clone(), "group_ids": ids // G}
+    before = None
+    if objective.entry.sample_select is not None:
+        before = step_selection.step_totals(acc, out)
+        step_selection.select_samples(acc, out, objective, PROGRESS, micro_batches)
+    step_selection.step_counts(acc, out)
+    if objective.needs_step_selection(1):
+        entropy = data["old_entropy"][out["rollout_ids"]]
+        step_selection.select_step(acc, out, entropy, objective, PROGRESS, before)
+
+    theta = data["theta"].clone().requires_grad_()
+    phi = data["old_entropy"].clone().requires_grad_()
+    n = out["completion_mask"].shape[0]
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(rank + 7))  # TRL shuffles the rows
+    total = torch.zeros((), dtype=torch.float64)
+    selected = torch.zeros(B, T, dtype=torch.bool)
+    for chunk in perm.chunk(micro_batches):
+        r = out["rollout_ids"][chunk]
+        extra = {k: out[k][chunk] for k in ("keep", "sample_keep", "band_lo", "band_hi") if k in out}
+        counts = {k: float(out[k]) for k in ("n_seqs_global", "n_tokens_global", "n_keep_global") if k in out}
+        batch = TokenBatch(logp=theta[r], mask=out["completion_mask"][chunk], advantages=out["advantages"][chunk],
+                           old_logp=data["old_logp"][r], ref_logp=data["ref_logp"][r], entropy=phi[r],
+                           old_entropy=data["old_entropy"][r], group_ids=out["group_ids"][chunk], rollout_ids=r,
+                           progress=PROGRESS, **extra, **counts)
+        result = objective(batch)
+        result.loss.backward()
+        total = total + result.loss.detach()
+        selected[r] |= result.token_weights.bool()
+    grads = torch.stack([theta.grad, torch.zeros_like(phi) if phi.grad is None else phi.grad])
+    if world > 1:
+        dist.all_reduce(total)
+        dist.all_reduce(grads)
+        s = selected.long()
+        dist.all_reduce(s)
+        selected = s.bool()
+    return {"loss": total, "grads": grads, "selected": selected}
+
+
+def main(path: str) -> None:
+    acc = Accelerator(cpu=True)
+    data = step_tensors()
+    results = {f"{name}/mb{mb}": run_case(acc, name, mb, data) for name in CASES for mb in (1, 8)}
+    if acc.process_index == 0:
+        torch.save(results, path)
+    acc.wait_for_everyone()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

@@ -1,0 +1,63 @@
+"""Acceptance 3 of the GRPO-family objectives: the same step on 1 or 2 CPU ranks (torchrun, gloo) and split into 1
+or 8 micro-batches per rank gives the same selection, loss and gradients (fp64) as the objective on the whole step.
+
+The worker (``tests/dist_step_worker.py``) drives the trainer's own step-level code (``trainer/step_selection.py``:
+rollout down-sampling with row compaction, global counts, gathered selection)."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import objectives
+from objectives import TokenBatch
+from tests.dist_step_worker import CASES, PROGRESS, step_tensors
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("dist")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    worker = str(ROOT / "tests" / "dist_step_worker.py")
+    one, two = tmp / "world1.pt", tmp / "world2.pt"
+    subprocess.run([sys.executable, worker, str(one)], check=True, env=env, cwd=ROOT, timeout=300)
+    port = str(29500 + os.getpid() % 1000)
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port,
+                    worker, str(two)], check=True, env=env, cwd=ROOT, timeout=300, capture_output=True)
+    return {1: torch.load(one), 2: torch.load(two)}
+
+
+def whole_step(name):
+    """The objective on the whole step in one call (it selects on the batch it gets, exact for the whole step)."""
+    obj_name, cfg = CASES[name]
+    d = step_tensors()
+    theta = d["theta"].clone().requires_grad_()
+    phi = d["old_entropy"].clone().requires_grad_()
+    B = theta.shape[0]
+    out = objectives.build(obj_name, **cfg)(TokenBatch(
+        logp=theta, mask=d["mask"], advantages=d["advantages"], old_logp=d["old_logp"], ref_logp=d["ref_logp"],
+        entropy=phi, old_entropy=d["old_entropy"], group_ids=torch.arange(B) // 4, rollout_ids=torch.arange(B),
+        progress=PROGRESS))
+    out.loss.backward()
+    grads = torch.stack([theta.grad, torch.zeros_like(phi) if phi.grad is None else phi.grad])
+    return out.loss.detach(), grads, out.token_weights.bool()
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_world_size_and_micro_batches_do_not_change_the_step(results, name):
+    loss, grads, selected = whole_step(name)
+    assert 0 < selected.sum() < step_tensors()["mask"].sum()  # a real selection, not all or nothing
+    assert grads.abs().sum() > 0
+    for world in (1, 2):
+        for mb in (1, 8):
+            r = results[world][f"{name}/mb{mb}"]
+            assert torch.equal(r["selected"], selected), (world, mb)
+            assert abs(float(r["loss"]) - float(loss)) < 1e-12, (world, mb)
+            torch.testing.assert_close(r["grads"], grads, rtol=0, atol=1e-12)
+    # tokens that are not selected get exactly zero gradient (theta; phi also carries only the band term)
+    assert grads[0][~selected].abs().sum() == 0
