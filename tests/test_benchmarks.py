@@ -31,3 +31,17 @@ def test_grpo_step_quick(tmp_path):
                                                                       for k in (0.2, 1.0)}
     ours = [r for r in report["results"] if r["variant"] == "tokensel"]
     assert all(r["kernel_stats"] and r["median_ms"] > 0 and "time_vs_trl" in r for r in ours)
+
+
+def test_compare_grpo_family_quick(tmp_path):
+    from benchmarks.compare_grpo_family import main as family_main
+
+    assert family_main(["--quick", "--seeds", "0", "--methods", "grpo", "d3s", "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "compare_grpo_family_cpu.json").read_text())
+    assert (tmp_path / "compare_grpo_family_cpu.png").stat().st_size > 0
+    assert [r["method"] for r in report["runs"]] == ["grpo", "d3s"]
+    for r in report["runs"]:
+        assert [p["step"] for p in r["curve"]] == [0, 1, 2]  # before, the periodic evaluation, after
+        assert r["rl_seconds"] >= 0 and 0 < r["trained_fraction"] <= 1
+    grpo, d3s = report["summary"]
+    assert grpo["trained_fraction"] == 1.0 and d3s["trained_fraction"] < 1.0 and "time_vs_baseline" in d3s

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from datasets import Dataset
 from omegaconf import OmegaConf
+from transformers import TrainerCallback
 from transformers.trainer_callback import ProgressCallback
 
 from .config import Resolved, selection_pass_enabled
@@ -115,9 +116,14 @@ def run(resolved: Resolved) -> dict[str, Any]:
         objective=resolved.objective,
         selection_pass=selection_pass_enabled(cfg, resolved.objective),
     )
+    periodic = PeriodicEval(held_out, cfg.eval.every, callback)
+    if cfg.eval.enabled and cfg.eval.every > 0:
+        trainer.add_callback(periodic)
     if trainer.pop_callback(ProgressCallback) is not None:  # None when tqdm is disabled (non-zero ranks)
         trainer.add_callback(CompactProgress(resolved.objective.name))
+    rl_start = time.perf_counter()
     trainer.train()
+    rl_seconds = time.perf_counter() - rl_start - periodic.seconds
     final_dir = run_dir / "final"
     trainer.save_model(str(final_dir))
     if main:
@@ -141,6 +147,7 @@ def run(resolved: Resolved) -> dict[str, Any]:
         "mean_reward_first_log": callback.rewards[0] if callback.rewards else None,
         "mean_reward_last_log": callback.rewards[-1] if callback.rewards else None,
         "rl_steps": trainer.state.global_step,
+        "rl_seconds": round(rl_seconds, 1),  # training loop only (periodic evaluations excluded)
         "kernels_backend": trainer.kernels_backend,
         "wall_seconds": round(time.perf_counter() - start, 1),
         "warmup": warmup_info,
@@ -158,6 +165,25 @@ def run(resolved: Resolved) -> dict[str, Any]:
             wandb_run.finish()
         print_summary(summary)
     return summary
+
+
+class PeriodicEval(TrainerCallback):
+    """Held-out accuracy every ``every`` RL steps, logged as ``eval/accuracy_<metric>`` with the seconds it took
+    (``eval/seconds``, so that RL wall time can be reported without it). The training RNG is left untouched."""
+
+    def __init__(self, held_out, every: int, metrics: MetricsCallback) -> None:
+        self.held_out, self.every, self.metrics = held_out, every, metrics
+        self.seconds = 0.0
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if state.global_step % self.every or state.global_step >= state.max_steps:
+            return  # the final evaluation runs after training anyway
+        start = time.perf_counter()
+        result = self.held_out(model)
+        logs = {f"eval/accuracy_{k}": v for k, v in result.items()}
+        logs["eval/seconds"] = time.perf_counter() - start
+        self.seconds += logs["eval/seconds"]
+        self.metrics.on_log(args, state, control, logs=logs)
 
 
 def reference_path(model, tokenizer, run_dir: Path) -> None:

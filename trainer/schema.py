@@ -81,6 +81,7 @@ class EvalConfig:
     samples: int = F(4, "completions per held-out prompt for the sampled estimate (avg@k); 0 = greedy only")
     temperature: float | None = F(None, "sampling temperature of the sampled estimate; null = trainer.temperature")
     max_new_tokens: int | None = F(None, "null -> trainer.max_completion_length")
+    every: int = F(0, "also evaluate every N RL steps (eval/accuracy_* curves in metrics.jsonl); 0 = before and after")
 
 
 @dataclass

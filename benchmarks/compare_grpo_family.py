@@ -1,0 +1,170 @@
+"""GRPO vs SPINE vs D³S (labelled reward) and TTRL vs TTRL+SPINE (label-free) on the tiny model, same rollouts.
+
+    python -m benchmarks.compare_grpo_family [--seeds 0 1] [--steps 200] [--eval-every 50] [--out benchmarks/results]
+
+Every method is one ``python -m trainer +experiment=<method>`` run in a fresh process, with the experiment's own
+settings (the quickstart's: 1–2 digit addition from noisy demonstrations, 64 prompts × 8 rollouts per step, the same
+cached warm-up per seed), the same number of steps and seeds. ``grpo_top_entropy`` is TRL 1.16's
+``top_entropy_quantile = 0.2`` (bit-identical mask, tested), ``grpo`` TRL's plain loss (tested). Recorded per run:
+held-out accuracy (sampled Pass@1, mean of 4 samples at T = 1, and greedy) every ``--eval-every`` steps, tokens with a
+policy gradient (kept fraction × valid completion tokens, summed over steps), rows of the LM-head backward, and the
+RL loop's wall time without the evaluations. Writes ``compare_grpo_family_cpu.json`` / ``.png``. Nothing here is
+asserted in tests beyond the schema (``--quick``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from benchmarks.token_stats import environment
+
+LABELLED = ("grpo", "grpo_top_entropy", "spine", "d3s")
+LABEL_FREE = ("ttrl", "ttrl_spine")
+QUICK = ["warmup.steps=30", "trainer.prompts_per_step=4", "trainer.num_generations=4", "task.train_size=64",
+         "task.eval_size=16", "eval.batch_size=16"]
+PROMPTS_X_G = {False: 64 * 8, True: 4 * 4}  # rollouts per step of the experiments (and of --quick)
+OBJECTIVE = {"grpo": "grpo", "grpo_top_entropy": "grpo", "spine": "entropy_band", "d3s": "d3s", "ttrl": "grpo",
+             "ttrl_spine": "entropy_band"}
+
+
+def run_one(method: str, seed: int, steps: int, eval_every: int, root: Path, threads: int, quick: bool) -> dict:
+    """One training run in a fresh process; its summary and curves."""
+    name = f"{method}-seed{seed}"
+    cmd = [sys.executable, "-m", "trainer", f"+experiment={method}", f"seed={seed}", f"run.root={root}",
+           f"run.name={name}", f"trainer.max_steps={steps}", f"eval.every={eval_every}", "trainer.logging_steps=1",
+           "tracking.wandb=disabled", f"run.threads={threads}", *(QUICK if quick else [])]
+    env = {**os.environ, "TQDM_DISABLE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if proc.returncode:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
+    summary = json.loads((root / name / "summary.json").read_text())
+    rows = [json.loads(line) for line in (root / name / "metrics.jsonl").read_text().splitlines()]
+    prefix = f"objective/{OBJECTIVE[method]}/"
+    curve = [{"step": 0, "sampled": summary["sampled_accuracy_before"], "greedy": summary["greedy_accuracy_before"]}]
+    curve += [{"step": r["step"], "sampled": r.get("eval/accuracy_sampled"), "greedy": r.get("eval/accuracy_greedy")}
+              for r in rows if "eval/accuracy_greedy" in r]
+    curve.append({"step": summary["rl_steps"], "sampled": summary["sampled_accuracy_after"],
+                  "greedy": summary["greedy_accuracy_after"]})
+    tokens_trained = valid_tokens = rows_backward = 0.0
+    for r in rows:
+        if "train/completions/mean_length" not in r:
+            continue
+        # valid completion tokens of the whole step (all rollouts), then the kept fraction of them
+        step_tokens = r["train/completions/mean_length"] * PROMPTS_X_G[quick]
+        valid_tokens += step_tokens
+        tokens_trained += r.get(prefix + "kept_token_frac", 1.0) * step_tokens
+        rows_backward += r.get("kernels/rows_backward", 0.0)
+    return {
+        "method": method, "seed": seed, "curve": curve, "rl_seconds": summary["rl_seconds"],
+        "tokens_trained": tokens_trained, "valid_tokens": valid_tokens,
+        "trained_fraction": tokens_trained / valid_tokens if valid_tokens else None,
+        "head_rows_backward": rows_backward,
+        "reward_first": summary["mean_reward_first_log"], "reward_last": summary["mean_reward_last_log"],
+        "accuracy_before": summary["sampled_accuracy_before"], "accuracy_after": summary["sampled_accuracy_after"],
+        "greedy_before": summary["greedy_accuracy_before"], "greedy_after": summary["greedy_accuracy_after"],
+    }
+
+
+def summarise(runs: list[dict]) -> list[dict]:
+    """Mean over seeds per method, with the gain over the method's baseline (grpo, or ttrl when label-free)."""
+    out = []
+    for method in dict.fromkeys(r["method"] for r in runs):
+        rs = [r for r in runs if r["method"] == method]
+
+        def mean(key, rows=rs):
+            vals = [r[key] for r in rows if r[key] is not None]
+            return statistics.fmean(vals) if vals else None
+
+        out.append({"method": method, "seeds": [r["seed"] for r in rs], "label_free": method in LABEL_FREE,
+                    **{k: mean(k) for k in ("accuracy_before", "accuracy_after", "greedy_before", "greedy_after",
+                                            "trained_fraction", "tokens_trained", "head_rows_backward",
+                                            "rl_seconds", "reward_last")}})
+    for row in out:
+        base = next((b for b in out if b["method"] == ("ttrl" if row["label_free"] else "grpo")), None)
+        if base and base is not row and base["rl_seconds"]:
+            row["time_vs_baseline"] = row["rl_seconds"] / base["rl_seconds"]
+            row["tokens_vs_baseline"] = row["tokens_trained"] / base["tokens_trained"]
+    return out
+
+
+def plot(runs: list[dict], summary: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    for ax, methods, title in ((axes[0], LABELLED, "labelled reward"), (axes[1], LABEL_FREE, "label-free (TTRL)")):
+        for method in methods:
+            rs = [r for r in runs if r["method"] == method]
+            if not rs:
+                continue
+            steps = [p["step"] for p in rs[0]["curve"]]
+            acc = [statistics.fmean(r["curve"][i]["sampled"] for r in rs) for i in range(len(steps))]
+            ax.plot(steps, [100 * a for a in acc], marker="o", label=method)
+        ax.set_xlabel("RL step")
+        ax.set_ylabel("held-out sampled Pass@1 (%)")
+        ax.set_title(f"{title}, mean of {len({r['seed'] for r in runs})} seeds")
+        ax.legend(fontsize=8)
+    names = [s["method"] for s in summary]
+    x = range(len(names))
+    axes[2].bar([i - 0.2 for i in x], [100 * (s["trained_fraction"] or 0) for s in summary], 0.4,
+                label="tokens with gradient (%)")
+    ax2 = axes[2].twinx()
+    ax2.bar([i + 0.2 for i in x], [s["rl_seconds"] for s in summary], 0.4, color="tab:orange", label="RL seconds")
+    axes[2].set_xticks(list(x), names, rotation=30, ha="right", fontsize=8)
+    axes[2].set_ylabel("tokens with gradient (%)")
+    ax2.set_ylabel("RL wall time (s)")
+    axes[2].legend(loc="upper left", fontsize=8)
+    ax2.legend(loc="upper right", fontsize=8)
+    fig.suptitle("GRPO family on the tiny model: same rollouts per step, same steps and seeds (CPU)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    ap.add_argument("--steps", type=int, default=200, help="RL steps per run (the experiments' own setting: 200)")
+    ap.add_argument("--eval-every", type=int, default=50)
+    ap.add_argument("--methods", nargs="+", default=[*LABELLED, *LABEL_FREE], choices=[*LABELLED, *LABEL_FREE])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--root", help="run directory root (default: a temporary directory)")
+    ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--quick", action="store_true", help="tiny settings, 2 steps (seconds); for the schema test")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.steps, args.eval_every = 2, 1
+    from tqdm.auto import tqdm
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(args.root or tmp)
+        jobs = [(m, s) for s in args.seeds for m in args.methods]
+        runs = [run_one(m, s, args.steps, args.eval_every, root, args.threads, args.quick)
+                for m, s in tqdm(jobs, desc="grpo family runs")]
+    summary = summarise(runs)
+    report = {"benchmark": "compare_grpo_family", "quick": args.quick, "environment": environment(args.threads),
+              "steps": args.steps, "eval_every": args.eval_every, "seeds": args.seeds,
+              "rollouts_per_step": PROMPTS_X_G[args.quick], "runs": runs, "summary": summary}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "compare_grpo_family_cpu.json").write_text(json.dumps(report, indent=2))
+    plot(runs, summary, out / "compare_grpo_family_cpu.png")
+    print(f"\n{'method':<18}{'sampled before→after':>24}{'greedy before→after':>22}{'trained':>9}{'RL s':>8}")
+    for s in summary:
+        print(f"{s['method']:<18}{100 * s['accuracy_before']:>11.1f} → {100 * s['accuracy_after']:<9.1f}"
+              f"{100 * s['greedy_before']:>10.1f} → {100 * s['greedy_after']:<9.1f}"
+              f"{100 * (s['trained_fraction'] or 0):>8.1f}%{s['rl_seconds']:>8.0f}")
+    print(f"wrote {out / 'compare_grpo_family_cpu.json'} and {out / 'compare_grpo_family_cpu.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
