@@ -68,3 +68,14 @@ def high_entropy_mask(entropy, mask, threshold):
     """TRL 1.16 ``GRPOTrainer.get_high_entropy_mask`` with one process."""
     stand_in = SimpleNamespace(accelerator=IdentityAccelerator())
     return GRPOTrainer.get_high_entropy_mask(stand_in, entropy, mask, threshold)
+
+
+def assert_same_as_trl(ours, trl, logp, atol):
+    """``ours(logp) -> ObjectiveOutput`` and ``trl(logp) -> loss`` agree in value and in ∂loss/∂logp; returns ours."""
+    a, b = logp.clone().requires_grad_(), logp.clone().requires_grad_()
+    out, ref = ours(a), trl(b)
+    assert abs(out.loss.item() - ref.item()) <= atol, (out.loss.item(), ref.item())
+    out.loss.backward()
+    ref.backward()
+    torch.testing.assert_close(a.grad, b.grad, rtol=0, atol=atol)
+    return out
