@@ -51,13 +51,28 @@ def grpo_step_table(report: dict) -> str:
     return "\n".join(lines)
 
 
+def grpo_family_table(report: dict) -> str:
+    seeds = report["seeds"]
+    head = " | ".join(f"sampled, seed {s}" for s in seeds)
+    lines = [f"| method | {head} | tokens trained | RL s (mean) | time vs baseline |",
+             "|---|" + "---|" * (len(seeds) + 3)]
+    for row in report["summary"]:
+        runs = {r["seed"]: r for r in report["runs"] if r["method"] == row["method"]}
+        cells = " | ".join(f"{100 * runs[s]['accuracy_before']:.1f} → {100 * runs[s]['accuracy_after']:.1f}"
+                           if s in runs else "–" for s in seeds)
+        lines.append(f"| `{row['method']}` | {cells} | {100 * (row['trained_fraction'] or 0):.1f} % | "
+                     f"{row['rl_seconds']:.0f} | {_f(row.get('time_vs_baseline'))} |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dir", default="benchmarks/results")
     args = ap.parse_args(argv)
     d = Path(args.dir)
     for name, render in (("token_stats_cpu.json", lambda r: token_stats_tables(r) + "\n\n" + targets_table(r)),
-                         ("grpo_step_cpu.json", lambda r: grpo_step_table(r) + "\n\n" + targets_table(r))):
+                         ("grpo_step_cpu.json", lambda r: grpo_step_table(r) + "\n\n" + targets_table(r)),
+                         ("compare_grpo_family_cpu.json", grpo_family_table)):
         path = d / name
         if path.exists():
             print(f"<!-- {path} -->")

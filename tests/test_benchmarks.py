@@ -45,3 +45,6 @@ def test_compare_grpo_family_quick(tmp_path):
         assert r["rl_seconds"] >= 0 and 0 < r["trained_fraction"] <= 1
     grpo, d3s = report["summary"]
     assert grpo["trained_fraction"] == 1.0 and d3s["trained_fraction"] < 1.0 and "time_vs_baseline" in d3s
+    from benchmarks.report import grpo_family_table
+
+    assert grpo_family_table(report).count("\n| `") == 2

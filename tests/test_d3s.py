@@ -239,3 +239,25 @@ def test_errors_name_the_cause():
                             old_entropy=torch.ones(2, 2)), D3SConfig(num_generations=2))
     obj = objectives.build("d3s", num_generations=8)
     assert (obj.config.n_init, obj.config.n_final) == (2, 4) and obj.needs_step_selection(1)
+
+
+def test_token_masks_against_slow_reference():
+    """select_tokens == a loop that lists each unit's valid tokens, sorts by (−score, row, position), keeps ⌈ρn⌉."""
+    g = torch.Generator().manual_seed(0)
+    for _ in range(40):
+        B, T = 5, 6
+        adv = torch.randint(-2, 3, (B,), generator=g).to(D) / 2  # zeros and ties
+        h = torch.randint(0, 4, (B, T), generator=g).to(D) / 2
+        m = (torch.rand(B, T, generator=g) < 0.7).long()
+        groups = torch.tensor([0, 0, 1, 1, 2])
+        keep = float(torch.rand(1, generator=g))
+        for scope in ("global_batch", "per_sequence", "per_group"):
+            unit = {"per_sequence": torch.arange(B), "per_group": groups, "global_batch": torch.zeros(B)}[scope]
+            want = torch.zeros(B, T, dtype=torch.bool)
+            for u in unit.unique():
+                tokens = [(-abs(adv[i].item()) * h[i, t].item(), i, t) for i in range(B) for t in range(T)
+                          if unit[i] == u and m[i, t]]
+                k = min(len(tokens), max(1, ceil_tol(keep * len(tokens))))
+                for _, i, t in sorted(tokens)[:k]:
+                    want[i, t] = True
+            assert torch.equal(select_tokens(adv, h, m, keep, scope, group_ids=groups), want), scope
