@@ -112,7 +112,8 @@ def plot(runs: list[dict], summary: list[dict], path: Path) -> None:
         ax.set_xlabel("RL step")
         ax.set_ylabel("held-out sampled Pass@1 (%)")
         ax.set_title(f"{title}, mean of {len({r['seed'] for r in runs})} seeds")
-        ax.legend(fontsize=8)
+        if ax.get_lines():
+            ax.legend(fontsize=8)
     names = [s["method"] for s in summary]
     x = range(len(names))
     axes[2].bar([i - 0.2 for i in x], [100 * (s["trained_fraction"] or 0) for s in summary], 0.4,
