@@ -19,6 +19,7 @@ from .entropy_band import (
     entropy_band_needs_step_selection,
     entropy_band_select,
 )
+from .fiber import FiberPOConfig, fiberpo_loss, fiberpo_step_stats
 from .grpo import GRPOConfig, grpo_loss, grpo_needs_step_selection, grpo_select
 
 
@@ -32,7 +33,10 @@ class Entry:
     * ``sample_select(step, cfg)`` — ``(sample_keep [N], metrics)`` from advantages and group ids alone, run before
       the statistics pass so that dropped rollouts do no further work, or ``None``;
     * ``needs_step_selection(cfg, num_iterations)`` — whether ``select`` must run (else the loss selects exactly on
-      each micro-batch).
+      each micro-batch);
+    * ``step_stats(batch, cfg)`` — per-row statistics of the *current* policy that other micro-batches need (FiberPO's
+      upper-level means), computed by a no-grad pass at the start of every optimizer step; the trainer passes the
+      other rows' values to ``loss`` as ``context=``. ``None`` when the loss needs no other rows.
     """
 
     config: type
@@ -40,6 +44,7 @@ class Entry:
     select: Callable[[TokenBatch, Any], StepSelection] | None = None
     sample_select: Callable[[TokenBatch, Any], tuple[Any, dict[str, float]]] | None = None
     needs_step_selection: Callable[[Any, int], bool] = lambda cfg, num_iterations: False
+    step_stats: Callable[[TokenBatch, Any], Any] | None = None
 
 
 REGISTRY: dict[str, Entry] = {
@@ -47,6 +52,7 @@ REGISTRY: dict[str, Entry] = {
     "entropy_band": Entry(EntropyBandConfig, entropy_band_loss, entropy_band_select, None,
                           entropy_band_needs_step_selection),
     "d3s": Entry(D3SConfig, d3s_loss, d3s_select, d3s_sample_keep, lambda cfg, num_iterations: True),
+    "fiberpo": Entry(FiberPOConfig, fiberpo_loss, step_stats=fiberpo_step_stats),
 }
 
 
@@ -58,8 +64,8 @@ class Objective:
     config: Any
     entry: Entry
 
-    def __call__(self, batch: TokenBatch) -> ObjectiveOutput:
-        return self.entry.loss(batch, self.config)
+    def __call__(self, batch: TokenBatch, **kwargs: Any) -> ObjectiveOutput:
+        return self.entry.loss(batch, self.config, **kwargs)
 
     def needs_step_selection(self, num_iterations: int) -> bool:
         return self.entry.needs_step_selection(self.config, num_iterations)

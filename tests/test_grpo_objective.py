@@ -135,7 +135,7 @@ def test_config_errors():
 def test_registry():
     obj = objectives.build("grpo", keep=0.2)
     assert obj.name == "grpo" and obj.config.keep == 0.2
-    with pytest.raises(KeyError, match="registered: d3s, entropy_band, grpo"):
+    with pytest.raises(KeyError, match="registered: d3s, entropy_band, fiberpo, grpo"):
         objectives.build("gpro")
     with pytest.raises(TypeError, match="did you mean keep"):
         objectives.build("grpo", kepp=0.2)
