@@ -330,6 +330,16 @@ def fiberpo_loss(batch: TokenBatch, cfg: FiberPOConfig, *, context: FiberLevelCo
     weights = torch.where(mu[:, None] > 0, coef / mu[:, None].clamp(min=1e-300), torch.zeros_like(coef))
     sample_keep = (st.T > 0) & (weights != 0).any(-1)
     metrics = fiber_metrics(st, ell.detach(), valid, adv.detach(), weights, cfg, sample_keep)
+    if levels:
+        # with levels, a non-pass base gate couples a trajectory to the other members of its group/domain; rows of
+        # other micro-batches enter through the detached context, so that part of the gradient is dropped
+        active = torch.zeros_like(st.T, dtype=torch.bool)
+        for r_p, r_n in st.regime:
+            active |= (r_p != PASS) | (r_n != PASS)
+        live = st.T > 0
+        has_context = context is not None and bool((context.T > 0).any())
+        metrics["level_context_approx_frac"] = float((active & live).sum()) / max(1, int(live.sum())) if (
+            has_context) else 0.0
     return ObjectiveOutput(loss=loss.to(batch.logp.dtype), token_weights=weights.detach().to(batch.logp.dtype),
                            sample_keep=sample_keep, metrics=metrics)
 

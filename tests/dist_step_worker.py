@@ -28,7 +28,13 @@ CASES = {
     "d3s": ("d3s", {"num_generations": G}),
     "d3s_gspo_valid": ("d3s", {"num_generations": G, "importance_sampling_level": "sequence", "loss_type": "grpo",
                                "token_normalizer": "valid", "token_scope": "per_sequence"}),
+    "fiberpo": ("fiberpo", {"eps": 0.1, "c_pos": 0.05, "c_neg": 0.05}),
+    # every base gate passes (wide budgets), fiber gates active: gradients exact under any split
+    "fiberpo_domain_pass": ("fiberpo", {"levels": ["domain", "group"], "eps": 0.1, "c_pos": 5.0, "c_neg": 5.0}),
+    # base gates active: level means (values) stay exact, the gradient through other micro-batches' rows is dropped
+    "fiberpo_domain_active": ("fiberpo", {"levels": ["domain", "group"], "eps": 0.1, "c_pos": 0.02, "c_neg": 0.02}),
 }
+UPPER_GATES_ACTIVE = {"fiberpo_domain_active"}
 PROGRESS = 0.5
 
 
@@ -59,7 +65,7 @@ def run_case(acc, name, micro_batches, data):
     rows = B // world
     ids = torch.arange(rank * rows, (rank + 1) * rows)
     out = {"completion_mask": data["mask"][ids].clone(), "advantages": data["advantages"][ids].clone(),
-           "rollout_ids": ids.clone(), "group_ids": ids // G}
+           "rollout_ids": ids.clone(), "group_ids": ids // G, "domain_ids": ids // (2 * G)}
     before = None
     if objective.entry.sample_select is not None:
         before = step_selection.step_totals(acc, out)
@@ -75,15 +81,24 @@ def run_case(acc, name, micro_batches, data):
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(rank + 7))  # TRL shuffles the rows
     total = torch.zeros((), dtype=torch.float64)
     selected = torch.zeros(B, T, dtype=torch.bool)
+    context = None
+    if objective.entry.step_stats is not None and objective.config.levels:
+        # the adapter's per-step pre-pass: every row's (P, N, T, ids) under the current policy, gathered
+        parts = [objective.entry.step_stats(TokenBatch(
+            logp=data["theta"][out["rollout_ids"][c]], old_logp=data["old_logp"][out["rollout_ids"][c]],
+            mask=out["completion_mask"][c], group_ids=out["group_ids"][c], domain_ids=out["domain_ids"][c]),
+            objective.config) for c in perm.chunk(micro_batches)]
+        context = step_selection.gather_row_stats(acc, parts, [out["rollout_ids"][c] for c in perm.chunk(micro_batches)])
     for chunk in perm.chunk(micro_batches):
         r = out["rollout_ids"][chunk]
         extra = {k: out[k][chunk] for k in ("keep", "sample_keep", "band_lo", "band_hi") if k in out}
         counts = {k: float(out[k]) for k in ("n_seqs_global", "n_tokens_global", "n_keep_global") if k in out}
         batch = TokenBatch(logp=theta[r], mask=out["completion_mask"][chunk], advantages=out["advantages"][chunk],
                            old_logp=data["old_logp"][r], ref_logp=data["ref_logp"][r], entropy=phi[r],
-                           old_entropy=data["old_entropy"][r], group_ids=out["group_ids"][chunk], rollout_ids=r,
-                           progress=PROGRESS, **extra, **counts)
-        result = objective(batch)
+                           old_entropy=data["old_entropy"][r], group_ids=out["group_ids"][chunk],
+                           domain_ids=out["domain_ids"][chunk], rollout_ids=r, progress=PROGRESS, **extra, **counts)
+        kwargs = {} if context is None else {"context": step_selection.context_without(*context, r)}
+        result = objective(batch, **kwargs)
         result.loss.backward()
         total = total + result.loss.detach()
         selected[r] |= result.token_weights.bool()

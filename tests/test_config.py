@@ -19,7 +19,8 @@ def test_every_experiment_composes(name):
     assert r.cfg.experiment == name
     assert r.cfg.description, "every experiment says in one line what it shows"
     assert r.objective.name in objectives.names()
-    assert r.objective.config.max_completion_length == r.cfg.trainer.max_completion_length
+    if hasattr(r.objective.config, "max_completion_length"):  # trainer facts are filled in where an objective uses them
+        assert r.objective.config.max_completion_length == r.cfg.trainer.max_completion_length
 
 
 def test_trainer_facts_fill_objective_configs_and_bad_values_fail():
@@ -44,7 +45,8 @@ def test_overrides_reach_components():
                  "task.max_digits=2", "trainer.max_steps=7"])
     assert r.objective.config.keep == 0.5 and r.objective.config.scope == "global_batch"
     assert r.cfg.seed == 3 and r.cfg.trainer.max_steps == 7 and r.task_config.max_digits == 2
-    assert r.objective.config.max_completion_length == r.cfg.trainer.max_completion_length
+    if hasattr(r.objective.config, "max_completion_length"):  # trainer facts are filled in where an objective uses them
+        assert r.objective.config.max_completion_length == r.cfg.trainer.max_completion_length
 
 
 def test_group_override():

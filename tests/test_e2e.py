@@ -83,9 +83,9 @@ def test_step_level_selection_pass(tmp_path, scope):
     "experiment, prefix",
     [("grpo", "objective/grpo/"), ("grpo_top_entropy", "objective/grpo/"), ("spine", "objective/entropy_band/"),
      ("ttrl", "reward/majority_vote/"), ("ttrl_spine", "objective/entropy_band/"), ("d3s", "objective/d3s/"),
-     ("d3s_gspo", "objective/d3s/")],
+     ("d3s_gspo", "objective/d3s/"), ("fiberpo", "objective/fiberpo/"), ("fiberpo_domain", "objective/fiberpo/")],
 )
-def test_issue4_experiments_run_end_to_end(tmp_path, experiment, prefix):
+def test_grpo_family_experiments_run_end_to_end(tmp_path, experiment, prefix):
     run_dir, summary = run_small(tmp_path, "tracking.wandb=disabled", experiment=experiment)
     assert summary["rl_steps"] == 3 and summary["accuracy_after"] is not None
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -96,6 +96,10 @@ def test_issue4_experiments_run_end_to_end(tmp_path, experiment, prefix):
     if experiment.startswith("spine") or experiment == "ttrl_spine":
         assert (run_dir / "reference").is_dir()  # the KL anchor: the warm-started weights, written for TRL
         assert "objective/entropy_band/kl" in keys and "objective/entropy_band/band_lo_mean" in keys
+    if experiment == "fiberpo_domain":
+        assert "objective/fiberpo/level/domain/pos_pass_frac" in keys and "objective/fiberpo/level_context_approx_frac" in keys
+        drift = [m["objective/fiberpo/drift_abs_mean"] for m in metrics if "objective/fiberpo/drift_abs_mean" in m]
+        assert max(drift) > 0  # num_iterations = 4: the policy moves away from the behaviour policy
     if experiment.startswith("d3s"):
         kept = [m["objective/d3s/kept_sample_frac"] for m in metrics if "objective/d3s/kept_sample_frac" in m]
         assert kept and all(0 < k < 1 for k in kept)

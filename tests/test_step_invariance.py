@@ -14,7 +14,7 @@ import torch
 
 import objectives
 from objectives import TokenBatch
-from tests.dist_step_worker import CASES, PROGRESS, step_tensors
+from tests.dist_step_worker import CASES, PROGRESS, UPPER_GATES_ACTIVE, step_tensors
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -41,8 +41,8 @@ def whole_step(name):
     B = theta.shape[0]
     out = objectives.build(obj_name, **cfg)(TokenBatch(
         logp=theta, mask=d["mask"], advantages=d["advantages"], old_logp=d["old_logp"], ref_logp=d["ref_logp"],
-        entropy=phi, old_entropy=d["old_entropy"], group_ids=torch.arange(B) // 4, rollout_ids=torch.arange(B),
-        progress=PROGRESS))
+        entropy=phi, old_entropy=d["old_entropy"], group_ids=torch.arange(B) // 4, domain_ids=torch.arange(B) // 8,
+        rollout_ids=torch.arange(B), progress=PROGRESS))
     out.loss.backward()
     grads = torch.stack([theta.grad, torch.zeros_like(phi) if phi.grad is None else phi.grad])
     return out.loss.detach(), grads, out.token_weights.bool()
@@ -56,8 +56,13 @@ def test_world_size_and_micro_batches_do_not_change_the_step(results, name):
     for world in (1, 2):
         for mb in (1, 8):
             r = results[world][f"{name}/mb{mb}"]
-            assert torch.equal(r["selected"], selected), (world, mb)
             assert abs(float(r["loss"]) - float(loss)) < 1e-12, (world, mb)
+            if name in UPPER_GATES_ACTIVE and mb == 8:
+                # detached context (spec §5.2 C): values exact, the coupling through rows of other micro-batches is
+                # dropped while a base gate acts (with one micro-batch per rank each rank holds whole domains)
+                assert (r["grads"] - grads).abs().max() > 1e-9
+                continue
+            assert torch.equal(r["selected"], selected), (world, mb)
             torch.testing.assert_close(r["grads"], grads, rtol=0, atol=1e-12)
     # tokens that are not selected get exactly zero gradient (theta; phi also carries only the band term)
     assert grads[0][~selected].abs().sum() == 0

@@ -141,3 +141,12 @@ def test_reward_function_that_raises_names_row_and_completion():
         guarded(flaky)(["p", "p"], ["abcd", "abc"])
     with pytest.raises(RewardFunctionError, match="returned 1 rewards for 2"):
         guarded(lambda prompts, completions, **kw: [0.0])(["p", "p"], ["a", "b"])
+
+
+def test_rows_carry_a_domain_label():
+    from trainer.tasks import build_task
+
+    task = build_task({"name": "arithmetic", "operators": ["+", "-"], "train_size": 50, "eval_size": 10})
+    train, _ = task.splits(0)
+    assert {task.domain_of(r) for r in train} == {"addition", "subtraction"}
+    assert task.domain_of({"prompt": "x"}) == "arithmetic"  # rows without a label fall back to the task name

@@ -48,9 +48,12 @@ class NonFiniteLossError(FloatingPointError):
 class TokenSelectiveGRPOTrainer(GRPOTrainer):
     """``GRPOTrainer`` + a tokensel objective (see the module docstring for the contract with TRL)."""
 
-    def __init__(self, *args, objective: Objective, selection_pass: bool = False, **kwargs) -> None:
+    def __init__(self, *args, objective: Objective, selection_pass: bool = False,
+                 domains: list[str] | None = None, **kwargs) -> None:
         self.objective = objective
         self.selection_pass = selection_pass
+        self.domain_index = {name: i for i, name in enumerate(sorted(set(domains or [])))}
+        self._step_context = None
         super().__init__(*args, **kwargs)
         if self.args.steps_per_generation != self.args.gradient_accumulation_steps:
             raise ValueError("tokensel needs steps_per_generation == gradient_accumulation_steps (one step per rollout)")
@@ -66,6 +69,9 @@ class TokenSelectiveGRPOTrainer(GRPOTrainer):
         first = acc.process_index * local_rows
         out["rollout_ids"] = torch.arange(first, first + local_rows, device=out["completion_mask"].device)
         out["group_ids"] = out["rollout_ids"] // self.num_generations
+        if self.domain_index:  # a fixed name -> int table, identical on every rank
+            out["domain_ids"] = torch.tensor([self.domain_index[x["domain"]] for x in inputs],
+                                             device=out["rollout_ids"].device)
         self._drop_unscorable(out)
         training = self.model.training
         metrics: dict[str, float] = {}
@@ -82,6 +88,33 @@ class TokenSelectiveGRPOTrainer(GRPOTrainer):
         for k, v in metrics.items():  # computed on the gathered step: identical on every rank
             self._metrics[mode][f"objective/{self.objective.name}/{k}"].append(v)
         return out
+
+    def _prepare_inputs(self, generation_batch):
+        inputs = super()._prepare_inputs(generation_batch)
+        first_micro_batch = self._step % self.args.steps_per_generation == 0
+        if self.model.training and self.objective.entry.step_stats is not None and first_micro_batch:
+            self._step_context = self._row_stats_of_step()
+        return inputs
+
+    @torch.no_grad()
+    def _row_stats_of_step(self):
+        """Per-row statistics of every row of this optimizer step (all micro-batches, all ranks) under the current
+        policy, for objectives whose upper-level aggregates span micro-batches (FiberPO's domain/group means).
+        On-policy (no old log-probs) the log-ratio is 0 and no forward pass is needed."""
+        parts, ids = [], []
+        for b in self._buffered_inputs:
+            mask = step_selection.loss_mask(b)
+            old = b.get("old_per_token_logps")
+            logp = torch.zeros_like(mask, dtype=torch.float32) if old is None else self._statistics(
+                self.model, b, compute_entropy=False)[0]
+            batch = TokenBatch(logp=logp, mask=mask, old_logp=old, group_ids=b["group_ids"],
+                               domain_ids=b.get("domain_ids"))
+            stats = self.objective.entry.step_stats(batch, self.objective.config)
+            if stats is None:
+                return None
+            parts.append(stats)
+            ids.append(b["rollout_ids"])
+        return step_selection.gather_row_stats(self.accelerator, parts, ids)
 
     def _progress(self) -> float:
         """0 at the first optimizer step, 1 at the last (schedules of D³S)."""
@@ -147,6 +180,7 @@ class TokenSelectiveGRPOTrainer(GRPOTrainer):
             entropy=entropy,
             old_entropy=entropy.detach(),
             group_ids=inputs.get("group_ids"),
+            domain_ids=inputs.get("domain_ids"),
             rollout_ids=inputs.get("rollout_ids"),
             keep=inputs.get("keep"),
             sample_keep=inputs.get("sample_keep"),
@@ -157,7 +191,11 @@ class TokenSelectiveGRPOTrainer(GRPOTrainer):
             n_keep_global=_item(inputs.get("n_keep_global")),
             progress=self._progress(),
         )
-        out = self.objective(batch)
+        kwargs = {}
+        if self._step_context is not None and self.model.training:
+            stats, ids = self._step_context
+            kwargs["context"] = step_selection.context_without(stats, ids, inputs["rollout_ids"])
+        out = self.objective(batch, **kwargs)
         if not torch.isfinite(out.loss):
             raise NonFiniteLossError(
                 f"objective {self.objective.name!r} returned loss {out.loss.item()} at step {self.state.global_step}: "

@@ -111,10 +111,11 @@ def run(resolved: Resolved) -> dict[str, Any]:
         processing_class=tokenizer,
         reward_funcs=[reward_function(cfg, task)],
         args=grpo_args(cfg, resolved.objective, run_dir),
-        train_dataset=Dataset.from_list(training_rows(cfg, train_rows)),
+        train_dataset=Dataset.from_list(training_rows(cfg, task, train_rows)),
         callbacks=[callback],
         objective=resolved.objective,
         selection_pass=selection_pass_enabled(cfg, resolved.objective),
+        domains=[task.domain_of(r) for r in train_rows],
     )
     periodic = PeriodicEval(held_out, cfg.eval.every, callback)
     if cfg.eval.enabled and cfg.eval.every > 0:
@@ -205,12 +206,12 @@ def reward_function(cfg, task):
     return task_reward(task)
 
 
-def training_rows(cfg, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Label-free runs never see the labels: only the prompts reach the trainer (held-out evaluation still
-    scores against them)."""
+def training_rows(cfg, task, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rows as the trainer sees them, each with its domain label. Label-free runs never see the labels: only the
+    prompts (and domains) reach the trainer; held-out evaluation still scores against the labels."""
     if cfg.reward.name == "majority_vote":
-        return [{"prompt": r["prompt"]} for r in rows]
-    return rows
+        return [{"prompt": r["prompt"], "domain": task.domain_of(r)} for r in rows]
+    return [{**r, "domain": task.domain_of(r)} for r in rows]
 
 
 def grpo_args(cfg, objective, run_dir: Path):

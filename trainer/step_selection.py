@@ -9,6 +9,7 @@ so every rank computes the same decision from the same tensor and keeps its own 
 
 from __future__ import annotations
 
+from dataclasses import fields, replace
 from typing import Any
 
 import torch
@@ -117,3 +118,42 @@ def select_step(acc, out: dict[str, Any], entropy: torch.Tensor, objective: Obje
     for k, v in sel.counts.items():
         out[k] = torch.tensor(float(v), device=mask.device)
     return sel.metrics
+
+
+def _map_rows(stats: Any, fn) -> Any:
+    """Apply ``fn`` to every row tensor of a stats dataclass (tuple fields: to each member)."""
+    kw = {}
+    for f in fields(stats):
+        v = getattr(stats, f.name)
+        kw[f.name] = tuple(fn(x, i) for i, x in enumerate(v)) if isinstance(v, tuple) else fn(v, None)
+    return replace(stats, **kw)
+
+
+def _cat_rows(parts: list[Any]) -> Any:
+    kw = {}
+    for f in fields(parts[0]):
+        vals = [getattr(p, f.name) for p in parts]
+        if isinstance(vals[0], tuple):
+            kw[f.name] = tuple(torch.cat([v[i] for v in vals]) for i in range(len(vals[0])))
+        else:
+            kw[f.name] = torch.cat(vals)
+    return replace(parts[0], **kw)
+
+
+def gather_row_stats(acc, parts: list[Any], rollout_ids: list[torch.Tensor]) -> tuple[Any, torch.Tensor]:
+    """Concatenate this rank's per-micro-batch row statistics (``Entry.step_stats``) and gather them from every
+    rank, with their global row ids; every rank ends with the same step-wide table."""
+    ids = torch.cat(rollout_ids)
+    counts = acc.gather(torch.tensor([ids.numel()], device=ids.device))
+    real = torch.cat([torch.arange(int(counts.max()), device=ids.device) < int(c) for c in counts])
+
+    def gather(x: torch.Tensor, _i=None) -> torch.Tensor:
+        return acc.gather(acc.pad_across_processes(x, dim=0, pad_index=0))[real]
+
+    return _map_rows(_cat_rows(parts), gather), gather(ids)
+
+
+def context_without(stats: Any, ids: torch.Tensor, rows: torch.Tensor) -> Any:
+    """The step-wide row statistics minus ``rows`` (the micro-batch's own rows, which carry the gradient)."""
+    other = ~torch.isin(ids, rows)
+    return _map_rows(stats, lambda x, _i: x[other])

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from .base import Row, SyntheticSplit, Task
 
 OPS = {"+": operator.add, "-": operator.sub, "*": operator.mul}
+DOMAINS = {"+": "addition", "-": "subtraction", "*": "multiplication"}  # domain label of each operator
 
 
 @dataclass
@@ -49,7 +50,7 @@ class ArithmeticTask(Task):
         # Drawn for every row so that the problems do not depend on the noise setting.
         forget = rng.random() < self.config.demo_carry_noise
         solution = add_without_carry(a, b) if forget and op == "+" else result
-        return {"prompt": f"{a}{op}{b}=", "answer": str(result), "solution": str(solution)}
+        return {"prompt": f"{a}{op}{b}=", "answer": str(result), "solution": str(solution), "domain": DOMAINS[op]}
 
 
 def add_without_carry(a: int, b: int) -> int:

@@ -66,6 +66,10 @@ class Task:
         m = _INT.match(completion)
         return str(int(m.group(1))) if m else None
 
+    def domain_of(self, row: Row) -> str:
+        """The row's domain label (FiberPO-Domain's top level): its ``domain`` field, else the task's name."""
+        return str(row.get("domain", self.name))
+
     def score(self, completion: str, row: Row) -> float:
         """Verifiable reward in [0, 1]."""
         got = self.extract(completion)
