@@ -16,42 +16,26 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 from benchmarks.token_stats import environment
+from benchmarks.training_runs import run_training
 
 LABELLED = ("grpo", "grpo_top_entropy", "spine", "d3s")
 LABEL_FREE = ("ttrl", "ttrl_spine")
-QUICK = ["warmup.steps=30", "trainer.prompts_per_step=4", "trainer.num_generations=4", "task.train_size=64",
-         "task.eval_size=16", "eval.batch_size=16"]
 PROMPTS_X_G = {False: 64 * 8, True: 4 * 4}  # rollouts per step of the experiments (and of --quick)
 OBJECTIVE = {"grpo": "grpo", "grpo_top_entropy": "grpo", "spine": "entropy_band", "d3s": "d3s", "ttrl": "grpo",
              "ttrl_spine": "entropy_band"}
 
 
 def run_one(method: str, seed: int, steps: int, eval_every: int, root: Path, threads: int, quick: bool) -> dict:
-    """One training run in a fresh process; its summary and curves."""
-    name = f"{method}-seed{seed}"
-    cmd = [sys.executable, "-m", "trainer", f"+experiment={method}", f"seed={seed}", f"run.root={root}",
-           f"run.name={name}", f"trainer.max_steps={steps}", f"eval.every={eval_every}", "trainer.logging_steps=1",
-           "tracking.wandb=disabled", f"run.threads={threads}", *(QUICK if quick else [])]
-    env = {**os.environ, "TQDM_DISABLE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    if proc.returncode:
-        raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
-    summary = json.loads((root / name / "summary.json").read_text())
-    rows = [json.loads(line) for line in (root / name / "metrics.jsonl").read_text().splitlines()]
+    """One training run in a fresh process; its curves, tokens trained and wall time."""
+    run = run_training(method, f"{method}-seed{seed}", seed, steps, eval_every, root, threads, quick)
+    summary, rows = run["summary"], run["rows"]
     prefix = f"objective/{OBJECTIVE[method]}/"
-    curve = [{"step": 0, "sampled": summary["sampled_accuracy_before"], "greedy": summary["greedy_accuracy_before"]}]
-    curve += [{"step": r["step"], "sampled": r.get("eval/accuracy_sampled"), "greedy": r.get("eval/accuracy_greedy")}
-              for r in rows if "eval/accuracy_greedy" in r]
-    curve.append({"step": summary["rl_steps"], "sampled": summary["sampled_accuracy_after"],
-                  "greedy": summary["greedy_accuracy_after"]})
     tokens_trained = valid_tokens = rows_backward = 0.0
     for r in rows:
         if "train/completions/mean_length" not in r:
@@ -62,7 +46,7 @@ def run_one(method: str, seed: int, steps: int, eval_every: int, root: Path, thr
         tokens_trained += r.get(prefix + "kept_token_frac", 1.0) * step_tokens
         rows_backward += r.get("kernels/rows_backward", 0.0)
     return {
-        "method": method, "seed": seed, "curve": curve, "rl_seconds": summary["rl_seconds"],
+        "method": method, "seed": seed, "curve": run["curve"], "rl_seconds": summary["rl_seconds"],
         "tokens_trained": tokens_trained, "valid_tokens": valid_tokens,
         "trained_fraction": tokens_trained / valid_tokens if valid_tokens else None,
         "head_rows_backward": rows_backward,

@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from .contract import ObjectiveOutput, StepSelection, TokenBatch, advantages_2d, masked_mean, row_advantages
-from .grpo import LOSS_TYPES, aggregate, k3_kl
+from .grpo import LOSS_TYPES, aggregate, clipped_policy_loss, k3_kl
 from .selection import SCOPES, check_finite, working_dtype
 
 SPLITS = ("optimal", "balanced")
@@ -331,12 +331,9 @@ def d3s_loss(batch: TokenBatch, cfg: D3SConfig) -> ObjectiveOutput:
     denom = w if cfg.token_normalizer == "selected" else (batch.valid & sample_keep[:, None]).to(logp.dtype)
     adv = advantages_2d(batch).to(logp.dtype)
 
-    log_ratio = logp - old_logp
-    if cfg.importance_sampling_level == "sequence":  # GSPO: the row's mean log-ratio over its selected tokens
-        log_ratio = ((log_ratio * w).sum(-1) / w.sum(-1).clamp(min=1.0)).unsqueeze(-1)
-    ratio = torch.exp(log_ratio)
-    clipped = torch.clamp(ratio, 1 - cfg.epsilon_low, 1 + cfg.epsilon_high)
-    per_token = -torch.min(ratio * adv, clipped * adv) * w
+    # GSPO: the row's mean log-ratio over its selected tokens (TRL averages over the valid ones: equal when W = mask)
+    per_token = w * clipped_policy_loss(logp, old_logp, adv, cfg.epsilon_low, cfg.epsilon_high,
+                                        level=cfg.importance_sampling_level, over=tokens)
     policy_share = aggregate(per_token, batch, cfg.loss_type, cfg.max_completion_length, denom=denom,
                              n_tokens=n_tokens, n_seqs=n_seqs)
     loss = policy_share

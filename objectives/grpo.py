@@ -51,8 +51,11 @@ class GRPOConfig:
     keep: float = 1.0  # fraction of valid tokens kept, ranked by old entropy (1.0 = plain GRPO)
     scope: str = "per_sequence"  # unit of the keep fraction: per_sequence | per_group | global_batch
     max_completion_length: int | None = None  # T_max, required by dr_grpo (the trainer fills it in)
+    importance_sampling_level: str = "token"  # token | sequence (GSPO: one ratio per row, TRL's option)
 
     def __post_init__(self) -> None:
+        if self.importance_sampling_level not in ("token", "sequence"):
+            raise ValueError(f"importance_sampling_level must be token or sequence, got {self.importance_sampling_level!r}")
         if self.loss_type not in LOSS_TYPES:
             raise ValueError(f"loss_type must be one of {', '.join(LOSS_TYPES)}, got {self.loss_type!r}")
         if not 0.0 <= self.keep <= 1.0:
@@ -72,11 +75,39 @@ class GRPOConfig:
         return self.beta
 
 
-def clipped_policy_loss(logp: Tensor, old_logp: Tensor, adv: Tensor, eps_low: float, eps_high: float) -> Tensor:
-    """Per-token PPO-clip loss ``−min(ρA, clip(ρ)A)`` (TRL's sign: a loss to minimise)."""
-    ratio = torch.exp(logp - old_logp)
+def importance_ratio(logp: Tensor, old_logp: Tensor, level: str = "token", over: Tensor | None = None) -> Tensor:
+    """``ρ = exp(logp − old_logp)`` per token ([B, T]), or with ``level="sequence"`` (GSPO) one ratio per row
+    ([B, 1]): ``exp`` of the mean log-ratio over the tokens in ``over`` (TRL: the valid tokens)."""
+    log_ratio = logp - old_logp
+    if level == "sequence":
+        if over is None:
+            raise ValueError("a sequence-level ratio needs the tokens to average over")
+        w = over.to(log_ratio.dtype)
+        log_ratio = torch.where(over.bool(), log_ratio, torch.zeros_like(log_ratio))
+        log_ratio = ((log_ratio * w).sum(-1) / w.sum(-1).clamp(min=1.0)).unsqueeze(-1)
+    elif level != "token":
+        raise ValueError(f"importance_sampling_level must be token or sequence, got {level!r}")
+    return torch.exp(log_ratio)
+
+
+def clipped_policy_loss(logp: Tensor, old_logp: Tensor, adv: Tensor, eps_low: float, eps_high: float, *,
+                        level: str = "token", over: Tensor | None = None) -> Tensor:
+    """Per-token PPO-clip loss ``−min(ρA, clip(ρ)A)`` (TRL's sign: a loss to minimise); ``level="sequence"`` is
+    GSPO's one ratio per row (``importance_ratio``)."""
+    ratio = importance_ratio(logp, old_logp, level, over)
     clipped = torch.clamp(ratio, 1 - eps_low, 1 + eps_high)
     return -torch.min(ratio * adv, clipped * adv)
+
+
+def clip_fractions(ratio: Tensor, adv: Tensor, mask: Tensor, eps_low: float, eps_high: float) -> dict[str, float]:
+    """Fractions of valid tokens whose clipped term is the active one (zero gradient), as TRL counts them."""
+    valid = mask.bool()
+    r = ratio.detach().expand_as(adv)
+    low = valid & (r < 1 - eps_low) & (adv < 0)
+    high = valid & (r > 1 + eps_high) & (adv > 0)
+    n = max(1, int(valid.sum()))
+    return {"clip_low_frac": float(low.sum()) / n, "clip_high_frac": float(high.sum()) / n,
+            "clip_frac": float((low | high).sum()) / n}
 
 
 def k3_kl(logp: Tensor, ref_logp: Tensor) -> Tensor:
@@ -152,12 +183,14 @@ def grpo_loss(batch: TokenBatch, cfg: GRPOConfig) -> ObjectiveOutput:
     adv = advantages_2d(batch).to(logp.dtype)
     selected, thresholds = select_tokens(batch, cfg.keep, cfg.scope)
 
-    policy = clipped_policy_loss(logp, old_logp, adv, cfg.epsilon_low, cfg.epsilon_high)
+    level, valid = cfg.importance_sampling_level, batch.valid
+    policy = clipped_policy_loss(logp, old_logp, adv, cfg.epsilon_low, cfg.epsilon_high, level=level, over=valid)
     per_token = policy * selected.to(logp.dtype)
     policy_share = aggregate(per_token, batch, cfg.loss_type, cfg.max_completion_length)
     loss = policy_share
     weights = selected.to(logp.dtype)
-    metrics: dict[str, float] = {}
+    metrics = clip_fractions(importance_ratio(logp.detach(), old_logp, level, valid), adv, batch.mask,
+                             cfg.epsilon_low, cfg.epsilon_high)
     if cfg.beta > 0:
         if batch.ref_logp is None:
             raise ValueError("beta > 0 needs TokenBatch.ref_logp")
@@ -166,7 +199,6 @@ def grpo_loss(batch: TokenBatch, cfg: GRPOConfig) -> ObjectiveOutput:
         weights = batch.mask.to(logp.dtype)  # the KL term reaches every valid token
         metrics["kl"] = masked_mean(kl.detach(), batch.mask)
 
-    valid = batch.valid
     n_valid = int(valid.sum().item())
     n_kept = int(selected.sum().item())
     rows_with_tokens = valid.any(-1)
@@ -195,7 +227,9 @@ __all__ = [
     "GRPOConfig",
     "LOSS_TYPES",
     "aggregate",
+    "clip_fractions",
     "clipped_policy_loss",
+    "importance_ratio",
     "grpo_loss",
     "grpo_needs_step_selection",
     "grpo_select",

@@ -48,3 +48,14 @@ def test_compare_grpo_family_quick(tmp_path):
     from benchmarks.report import grpo_family_table
 
     assert grpo_family_table(report).count("\n| `") == 2
+
+
+def test_compare_gating_quick(tmp_path):
+    from benchmarks.compare_gating import main as gating_main
+
+    assert gating_main(["--quick", "--seeds", "0", "--methods", "gspo", "fiberpo_domain", "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "compare_gating_cpu.json").read_text())
+    assert (tmp_path / "compare_gating_cpu.png").stat().st_size > 0
+    gspo, fiber = report["runs"]
+    assert "clip_frac" in gspo["gates"] and "regime/G1_frac" in fiber["gates"]
+    assert "level/domain/pos_zeroed_frac" in fiber["gates"] and [p["step"] for p in fiber["curve"]] == [0, 1, 2]

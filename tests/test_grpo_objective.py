@@ -146,3 +146,30 @@ def test_token_batch_shape_errors():
         TokenBatch(logp=torch.zeros(2, 3), mask=torch.ones(2, 4))
     with pytest.raises(ValueError, match="advantages"):
         TokenBatch(logp=torch.zeros(2, 3), mask=torch.ones(2, 3), advantages=torch.zeros(3))
+
+
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+def test_gspo_sequence_ratio_equals_trl(loss_type):
+    from tests.trl_standin import assert_same_as_trl
+
+    g = torch.Generator().manual_seed(11)
+    logp = -torch.rand(5, 6, generator=g, dtype=torch.float64) * 2
+    old = logp + 0.01 * torch.randn(5, 6, generator=g, dtype=torch.float64)
+    mask = (torch.rand(5, 6, generator=g) < 0.8).long()
+    mask[:, 0] = 1
+    adv = torch.randn(5, generator=g, dtype=torch.float64)
+    cfg = GRPOConfig(loss_type=loss_type, importance_sampling_level="sequence", epsilon_low=3e-4,
+                     epsilon_high=4e-4, max_completion_length=6)
+    out = assert_same_as_trl(
+        lambda x: grpo_loss(TokenBatch(logp=x, mask=mask, advantages=adv, old_logp=old), cfg),
+        lambda x: trl_loss(x, old, mask, adv, torch.zeros_like(x), loss_type=loss_type, eps_low=3e-4,
+                           eps_high=4e-4, importance_sampling_level="sequence"), logp, atol=1e-13)
+    assert 0 < out.metrics["clip_frac"] < 1  # GSPO's tiny clip range bites at this drift
+
+
+def test_clip_fractions_count_only_the_gradient_killing_side():
+    logp = torch.log(torch.tensor([[1.5, 0.5, 1.5, 0.5, 1.0]]))
+    out = grpo_loss(TokenBatch(logp=logp, mask=torch.ones(1, 5), advantages=torch.tensor([[1.0, 1, -1, -1, 1]]),
+                               old_logp=torch.zeros(1, 5)), GRPOConfig())
+    # ratio 1.5 with A > 0 and ratio 0.5 with A < 0 are clipped; the other two sides still pass gradient
+    assert out.metrics["clip_high_frac"] == 0.2 and out.metrics["clip_low_frac"] == 0.2

@@ -1,0 +1,43 @@
+"""Shared by the training-run benchmarks: one ``python -m trainer`` run in a fresh process, read back.
+
+A run is ``+experiment=<experiment>`` plus overrides, at a seed and a number of steps, with held-out evaluations every
+``eval_every`` steps, every step logged, W&B off. Returns the summary, the logged rows and the held-out curve.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+# Settings of --quick (seconds per run): a few prompts, a short warm-up, a small held-out set.
+QUICK = ["warmup.steps=30", "trainer.prompts_per_step=4", "trainer.num_generations=4", "task.train_size=64",
+         "task.eval_size=16", "eval.batch_size=16"]
+
+
+def run_training(experiment: str, name: str, seed: int, steps: int, eval_every: int, root: Path, threads: int,
+                 quick: bool, overrides: tuple[str, ...] = ()) -> dict:
+    """Run one experiment; ``{"summary", "rows", "curve"}`` (curve: held-out accuracy at 0, every eval, the end)."""
+    cmd = [sys.executable, "-m", "trainer", f"+experiment={experiment}", f"seed={seed}", f"run.root={root}",
+           f"run.name={name}", f"trainer.max_steps={steps}", f"eval.every={eval_every}", "trainer.logging_steps=1",
+           "tracking.wandb=disabled", f"run.threads={threads}", *overrides, *(QUICK if quick else [])]
+    env = {**os.environ, "TQDM_DISABLE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if proc.returncode:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
+    summary = json.loads((root / name / "summary.json").read_text())
+    rows = [json.loads(line) for line in (root / name / "metrics.jsonl").read_text().splitlines()]
+    curve = [{"step": 0, "sampled": summary["sampled_accuracy_before"], "greedy": summary["greedy_accuracy_before"]}]
+    curve += [{"step": r["step"], "sampled": r.get("eval/accuracy_sampled"), "greedy": r.get("eval/accuracy_greedy")}
+              for r in rows if "eval/accuracy_greedy" in r]
+    curve.append({"step": summary["rl_steps"], "sampled": summary["sampled_accuracy_after"],
+                  "greedy": summary["greedy_accuracy_after"]})
+    return {"summary": summary, "rows": rows, "curve": curve}
+
+
+def mean_of(rows: list[dict], key: str) -> float | None:
+    """Mean of a logged metric over the steps that logged it."""
+    vals = [r[key] for r in rows if key in r]
+    return sum(vals) / len(vals) if vals else None
