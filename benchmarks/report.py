@@ -65,6 +65,19 @@ def grpo_family_table(report: dict) -> str:
     return "\n".join(lines)
 
 
+def gating_table(report: dict) -> str:
+    lines = ["| method | sampled before → after | greedy after | RL s | token gate | G1 / rollback / zeroed (pos) |",
+             "|---|---|---|---|---|---|"]
+    for s in report["summary"]:
+        g = s["gates"]
+        token = g.get("clip_frac", g.get("fiber_num_clip_frac"))
+        regimes = (f"{100 * g['regime/G1_frac']:.1f} / {100 * g['base/pos_rollback_frac']:.1f} / "
+                   f"{100 * g['base/pos_zeroed_frac']:.1f} %" if "regime/G1_frac" in g else "–")
+        lines.append(f"| `{s['method']}` | {100 * s['accuracy_before']:.1f} → {100 * s['accuracy_after']:.1f} | "
+                     f"{100 * s['greedy_after']:.1f} | {s['rl_seconds']:.0f} | {100 * token:.2f} % | {regimes} |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dir", default="benchmarks/results")
@@ -72,7 +85,8 @@ def main(argv: list[str] | None = None) -> int:
     d = Path(args.dir)
     for name, render in (("token_stats_cpu.json", lambda r: token_stats_tables(r) + "\n\n" + targets_table(r)),
                          ("grpo_step_cpu.json", lambda r: grpo_step_table(r) + "\n\n" + targets_table(r)),
-                         ("compare_grpo_family_cpu.json", grpo_family_table)):
+                         ("compare_grpo_family_cpu.json", grpo_family_table),
+                         ("compare_gating_cpu.json", gating_table)):
         path = d / name
         if path.exists():
             print(f"<!-- {path} -->")
