@@ -19,15 +19,13 @@ numerators, restorative tokens, fully censored trajectories, drift, level regime
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import sys
-import tempfile
 from pathlib import Path
 
 from benchmarks.token_stats import environment
-from benchmarks.training_runs import mean_of, run_training
+from benchmarks.training_runs import mean_of, run_arguments, run_jobs, run_training
 
 METHODS = {
     "grpo_clip": ("fiberpo", ("objective=grpo", "objective.loss_type=grpo")),
@@ -44,10 +42,10 @@ FIBER_KEYS = ("kept_token_frac", "fiber_num_clip_frac", "restorative_token_frac"
 REGIMES = ("G1", "G2r", "G2", "G3r", "G3", "G3rz")
 
 
-def run_one(method: str, seed: int, args) -> dict:
+def run_one(method: str, seed: int, args, root: Path) -> dict:
     experiment, overrides = METHODS[method]
-    run = run_training(experiment, f"{method}-seed{seed}", seed, args.steps, args.eval_every, args.root_path,
-                       args.threads, args.quick, overrides)
+    run = run_training(experiment, f"{method}-seed{seed}", seed, args.steps, args.eval_every, root, args.threads,
+                       args.quick, overrides)
     s, rows = run["summary"], run["rows"]
     prefix = "objective/grpo/" if method in ("grpo_clip", "gspo") else "objective/fiberpo/"
     keys = CLIP_KEYS if method in ("grpo_clip", "gspo") else FIBER_KEYS + tuple(f"regime/{r}_frac" for r in REGIMES)
@@ -110,24 +108,8 @@ def plot(runs: list[dict], summary: list[dict], path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    ap.add_argument("--steps", type=int, default=200)
-    ap.add_argument("--eval-every", type=int, default=50)
-    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--root", help="run directory root (default: a temporary directory)")
-    ap.add_argument("--out", default="benchmarks/results")
-    ap.add_argument("--quick", action="store_true", help="tiny settings, 2 steps (seconds); for the schema test")
-    args = ap.parse_args(argv)
-    if args.quick:
-        args.steps, args.eval_every = 2, 1
-    from tqdm.auto import tqdm
-
-    with tempfile.TemporaryDirectory() as tmp:
-        args.root_path = Path(args.root or tmp)
-        jobs = [(m, s) for s in args.seeds for m in args.methods]
-        runs = [run_one(m, s, args) for m, s in tqdm(jobs, desc="gating runs")]
+    args = run_arguments(__doc__, list(METHODS)).parse_args(argv)
+    runs = run_jobs(args, lambda m, seed, root: run_one(m, seed, args, root), "gating runs")
     summary = summarise(runs)
     report = {"benchmark": "compare_gating", "quick": args.quick, "environment": environment(args.threads),
               "steps": args.steps, "eval_every": args.eval_every, "seeds": args.seeds, "num_iterations": 4,

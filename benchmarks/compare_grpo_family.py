@@ -14,15 +14,13 @@ asserted in tests beyond the schema (``--quick``).
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import sys
-import tempfile
 from pathlib import Path
 
 from benchmarks.token_stats import environment
-from benchmarks.training_runs import run_training
+from benchmarks.training_runs import run_arguments, run_jobs, run_training
 
 LABELLED = ("grpo", "grpo_top_entropy", "spine", "d3s")
 LABEL_FREE = ("ttrl", "ttrl_spine")
@@ -31,9 +29,10 @@ OBJECTIVE = {"grpo": "grpo", "grpo_top_entropy": "grpo", "spine": "entropy_band"
              "ttrl_spine": "entropy_band"}
 
 
-def run_one(method: str, seed: int, steps: int, eval_every: int, root: Path, threads: int, quick: bool) -> dict:
+def run_one(method: str, seed: int, args, root: Path) -> dict:
     """One training run in a fresh process; its curves, tokens trained and wall time."""
-    run = run_training(method, f"{method}-seed{seed}", seed, steps, eval_every, root, threads, quick)
+    quick = args.quick
+    run = run_training(method, f"{method}-seed{seed}", seed, args.steps, args.eval_every, root, args.threads, quick)
     summary, rows = run["summary"], run["rows"]
     prefix = f"objective/{OBJECTIVE[method]}/"
     tokens_trained = valid_tokens = rows_backward = 0.0
@@ -115,25 +114,8 @@ def plot(runs: list[dict], summary: list[dict], path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    ap.add_argument("--steps", type=int, default=200, help="RL steps per run (the experiments' own setting: 200)")
-    ap.add_argument("--eval-every", type=int, default=50)
-    ap.add_argument("--methods", nargs="+", default=[*LABELLED, *LABEL_FREE], choices=[*LABELLED, *LABEL_FREE])
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--root", help="run directory root (default: a temporary directory)")
-    ap.add_argument("--out", default="benchmarks/results")
-    ap.add_argument("--quick", action="store_true", help="tiny settings, 2 steps (seconds); for the schema test")
-    args = ap.parse_args(argv)
-    if args.quick:
-        args.steps, args.eval_every = 2, 1
-    from tqdm.auto import tqdm
-
-    with tempfile.TemporaryDirectory() as tmp:
-        root = Path(args.root or tmp)
-        jobs = [(m, s) for s in args.seeds for m in args.methods]
-        runs = [run_one(m, s, args.steps, args.eval_every, root, args.threads, args.quick)
-                for m, s in tqdm(jobs, desc="grpo family runs")]
+    args = run_arguments(__doc__, [*LABELLED, *LABEL_FREE]).parse_args(argv)
+    runs = run_jobs(args, lambda m, seed, root: run_one(m, seed, args, root), "grpo family runs")
     summary = summarise(runs)
     report = {"benchmark": "compare_grpo_family", "quick": args.quick, "environment": environment(args.threads),
               "steps": args.steps, "eval_every": args.eval_every, "seeds": args.seeds,

@@ -6,10 +6,13 @@ A run is ``+experiment=<experiment>`` plus overrides, at a seed and a number of 
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
 import sys
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 # Settings of --quick (seconds per run): a few prompts, a short warm-up, a small held-out set.
@@ -41,3 +44,29 @@ def mean_of(rows: list[dict], key: str) -> float | None:
     """Mean of a logged metric over the steps that logged it."""
     vals = [r[key] for r in rows if key in r]
     return sum(vals) / len(vals) if vals else None
+
+
+def run_arguments(doc: str, methods: list[str]) -> argparse.ArgumentParser:
+    """The command line shared by the training-run benchmarks."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    ap.add_argument("--steps", type=int, default=200, help="RL steps per run (the experiments' own setting: 200)")
+    ap.add_argument("--eval-every", type=int, default=50)
+    ap.add_argument("--methods", nargs="+", default=methods, choices=methods)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--root", help="run directory root (default: a temporary directory)")
+    ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--quick", action="store_true", help="tiny settings, 2 steps (seconds); for the schema test")
+    return ap
+
+
+def run_jobs(args: argparse.Namespace, run_one: Callable[[str, int, Path], dict], desc: str) -> list[dict]:
+    """``run_one(method, seed, root)`` for every seed × method, in a temporary root unless ``--root`` is given."""
+    from tqdm.auto import tqdm
+
+    if args.quick:
+        args.steps, args.eval_every = 2, 1
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(args.root or tmp)
+        jobs = [(m, s) for s in args.seeds for m in args.methods]
+        return [run_one(m, s, root) for m, s in tqdm(jobs, desc=desc)]
