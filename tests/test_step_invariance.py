@@ -5,6 +5,7 @@ The worker (``tests/dist_step_worker.py``) drives the trainer's own step-level c
 rollout down-sampling with row compaction, global counts, gathered selection)."""
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -26,10 +27,20 @@ def results(tmp_path_factory):
     worker = str(ROOT / "tests" / "dist_step_worker.py")
     one, two = tmp / "world1.pt", tmp / "world2.pt"
     subprocess.run([sys.executable, worker, str(one)], check=True, env=env, cwd=ROOT, timeout=300)
-    port = str(29500 + os.getpid() % 1000)
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port,
-                    worker, str(two)], check=True, env=env, cwd=ROOT, timeout=300, capture_output=True)
+    for _ in range(2):  # a port taken between choosing and binding it is retried once
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", free_port(),
+               worker, str(two)]
+        proc = subprocess.run(cmd, env=env, cwd=ROOT, timeout=300, capture_output=True, text=True)
+        if proc.returncode == 0:
+            break
+    assert proc.returncode == 0, f"torchrun failed ({proc.returncode}):\n{proc.stderr[-4000:]}"
     return {1: torch.load(one), 2: torch.load(two)}
+
+
+def free_port() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])
 
 
 def whole_step(name):
