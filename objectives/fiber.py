@@ -132,6 +132,10 @@ def fiberpo_gate_state(
             n_tr = torch.cat([n_tr, torch.ones_like(context.T[c_live], dtype=dt)])
             k = torch.cat([k, context.T[c_live].to(dt)])
             all_ids = torch.cat([all_ids, context.ids[m][c_live]])
+        if all_ids.numel() == 0:  # no trajectory with a valid token anywhere: nothing to gate at this level
+            zeros_b = torch.zeros_like(P)
+            means.append((zeros_b, zeros_b, torch.zeros_like(T)))
+            continue
         units, inverse = torch.unique(all_ids, return_inverse=True)
         zeros = torch.zeros(units.numel(), dtype=dt, device=ell.device)
         cnt = zeros.index_add(0, inverse, n_tr)

@@ -332,3 +332,12 @@ def test_properties_on_random_inputs(seed, scale, c):
     # telescoping: with budgets that never bind, every level passes and G is the raw ratio
     wide = fiberpo_gated_ratio(ell, mask, eps=INF, c_pos=INF, c_neg=INF, levels=(dom, grp))
     torch.testing.assert_close(wide[mask.bool()], ell.exp()[mask.bool()], rtol=0, atol=1e-14)
+
+
+def test_micro_batch_without_valid_tokens_and_levels():
+    logp = torch.zeros(2, 3, dtype=D, requires_grad=True)
+    out = fiberpo_loss(TokenBatch(logp=logp, mask=torch.zeros(2, 3), advantages=torch.ones(2, dtype=D),
+                                  domain_ids=torch.tensor([0, 1]), group_ids=torch.tensor([0, 1])),
+                       FiberPOConfig(levels=["domain", "group"]))
+    out.loss.backward()
+    assert out.loss.item() == 0.0 and logp.grad.abs().sum() == 0 and not out.sample_keep.any()
