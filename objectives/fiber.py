@@ -230,24 +230,31 @@ def fiberpo_token_coefficients(
         return -grad.detach()
     with torch.no_grad():
         st = fiberpo_gate_state(log_ratio.detach(), mask, eps=eps, c_pos=c_pos, c_neg=c_neg)
-        valid = mask.bool()
-        mu = _mu(st.T, loss_agg, n_seqs, n_tokens)
-        a = torch.where(valid, adv.to(st.gated_ratio.dtype) * st.gated_ratio, torch.zeros_like(st.gated_ratio))
-        keep_n, keep_d = (~st.num_clipped).to(a.dtype), (~st.den_clipped).to(a.dtype)
-        positive = st.sign > 0
-        s_all = a.sum(-1, keepdim=True)
+        return _closed_form_coefficients(st, mask, adv, _mu(st.T, loss_agg, n_seqs, n_tokens))
 
-        def channel_sum(x: Tensor, chan: Tensor) -> Tensor:
-            return (x * chan).sum(-1, keepdim=True)
 
-        u_pos, u_neg = channel_sum(a * keep_n, positive), channel_sum(a * keep_n, ~positive)
-        v_pos, v_neg = channel_sum(a * keep_d, positive), channel_sum(a * keep_d, ~positive)
-        gamma_p, gamma_n = st.slope[-1]
-        gamma = torch.where(positive, gamma_p[:, None], gamma_n[:, None])
-        u_own = torch.where(positive, u_pos, u_neg)
-        v_other = torch.where(positive, v_neg, v_pos)
-        c = mu[:, None] * (a * keep_n + (gamma * s_all - u_own - v_other) / st.T.clamp(min=1.0)[:, None])
-        return torch.where(valid, c, torch.zeros_like(c))
+@torch.no_grad()
+def _closed_form_coefficients(st: FiberGateState, mask: Tensor, adv: Tensor, mu: Tensor) -> Tensor:
+    """``c_j = μ(a_j[|n_j| ≤ ε] + (γ^(l_j)·ΣA − U_{l_j} − V_{−l_j}) / T)`` with ``a = Â·G`` (spec §3.7, two levels)."""
+    valid = mask.bool()
+    G = st.gated_ratio.detach()
+    a = torch.where(valid, adv.to(G.dtype) * G, torch.zeros_like(G))
+    keep_n, keep_d = (~st.num_clipped).to(a.dtype), (~st.den_clipped).to(a.dtype)
+    positive = st.sign > 0
+    s_all = a.sum(-1, keepdim=True)
+
+    def channel_sum(x: Tensor, chan: Tensor) -> Tensor:
+        return (x * chan).sum(-1, keepdim=True)
+
+    u_pos, u_neg = channel_sum(a * keep_n, positive), channel_sum(a * keep_n, ~positive)
+    v_pos, v_neg = channel_sum(a * keep_d, positive), channel_sum(a * keep_d, ~positive)
+    gamma_p, gamma_n = st.slope[-1]
+    gamma = torch.where(positive, gamma_p[:, None], gamma_n[:, None])
+    u_own = torch.where(positive, u_pos, u_neg)
+    v_other = torch.where(positive, v_neg, v_pos)
+    T = st.T.detach().clamp(min=1.0)[:, None]
+    c = mu.detach()[:, None] * (a * keep_n + (gamma * s_all - u_own - v_other) / T)
+    return torch.where(valid, c, torch.zeros_like(c))
 
 
 @dataclass
@@ -298,7 +305,8 @@ def batch_levels(batch: TokenBatch, cfg: FiberPOConfig) -> tuple[Tensor, ...]:
     return tuple(out)
 
 
-def _log_ratio(batch: TokenBatch, cfg: FiberPOConfig) -> Tensor:
+def _log_ratio(batch: TokenBatch, cfg: FiberPOConfig) -> tuple[Tensor, Tensor]:
+    """``ℓ`` on valid tokens (0 elsewhere), clamped to ±``log_ratio_clamp``, and where the clamp acted."""
     logp = batch.logp
     old = logp.detach() if batch.old_logp is None else batch.old_logp
     valid = batch.valid
@@ -307,16 +315,16 @@ def _log_ratio(batch: TokenBatch, cfg: FiberPOConfig) -> Tensor:
         rows = sorted({int(r) for r in bad.nonzero()[:, 0]})
         raise ValueError(f"non-finite logp/old_logp on {int(bad.sum())} valid token(s), rows {rows[:10]}")
     ell = torch.where(valid, logp - old, torch.zeros((), dtype=logp.dtype, device=logp.device))
-    if cfg.log_ratio_clamp is not None:
-        ell = ell.clamp(-cfg.log_ratio_clamp, cfg.log_ratio_clamp)  # a clamped token gets zero gradient
-    return ell
+    if cfg.log_ratio_clamp is None:
+        return ell, torch.zeros_like(valid)
+    return ell.clamp(-cfg.log_ratio_clamp, cfg.log_ratio_clamp), ell.detach().abs() > cfg.log_ratio_clamp
 
 
 def fiberpo_loss(batch: TokenBatch, cfg: FiberPOConfig, *, context: FiberLevelContext | None = None
                  ) -> ObjectiveOutput:
     """FiberPO share of one micro-batch (module docstring); counts global when the batch carries them."""
     levels = batch_levels(batch, cfg)
-    ell = _log_ratio(batch, cfg)
+    ell, clamped = _log_ratio(batch, cfg)
     kw = {"eps": cfg.eps, "c_pos": cfg.c_pos, "c_neg": cfg.c_neg, "levels": levels,
           "level_budgets": cfg.level_budgets}
     st = fiberpo_gate_state(ell, batch.mask, context=context, **kw)
@@ -324,13 +332,12 @@ def fiberpo_loss(batch: TokenBatch, cfg: FiberPOConfig, *, context: FiberLevelCo
     valid = batch.valid
     mu = _mu(st.T, cfg.loss_agg, batch.n_seqs_global, batch.n_tokens_global)
     loss = -(mu[:, None] * valid.to(adv.dtype) * st.gated_ratio * adv).sum()
-    coef = fiberpo_token_coefficients(ell, batch.mask, advantages_2d(batch), loss_agg=cfg.loss_agg,
-                                      n_seqs=batch.n_seqs_global, n_tokens=batch.n_tokens_global, context=context,
-                                      **kw)
-    if cfg.log_ratio_clamp is not None:  # clamped tokens get no gradient
-        raw = torch.where(valid, batch.logp.detach() - (batch.logp.detach() if batch.old_logp is None
-                                                          else batch.old_logp), torch.zeros_like(ell))
-        coef = torch.where(raw.abs() > cfg.log_ratio_clamp, torch.zeros_like(coef), coef)
+    if levels:
+        coef = fiberpo_token_coefficients(ell, batch.mask, adv, loss_agg=cfg.loss_agg, n_seqs=batch.n_seqs_global,
+                                          n_tokens=batch.n_tokens_global, context=context, **kw)
+    else:  # two levels: the closed form on the state already computed
+        coef = _closed_form_coefficients(st, batch.mask, adv, mu)
+    coef = torch.where(clamped, torch.zeros_like(coef), coef)  # clamped tokens get no gradient
     weights = torch.where(mu[:, None] > 0, coef / mu[:, None].clamp(min=1e-300), torch.zeros_like(coef))
     sample_keep = (st.T > 0) & (weights != 0).any(-1)
     metrics = fiber_metrics(st, ell.detach(), valid, adv.detach(), weights, cfg, sample_keep)
@@ -354,7 +361,7 @@ def fiberpo_step_stats(batch: TokenBatch, cfg: FiberPOConfig) -> FiberLevelConte
     if not cfg.levels:
         return None
     with torch.no_grad():
-        st = fiberpo_gate_state(_log_ratio(batch, cfg), batch.mask, eps=cfg.eps, c_pos=cfg.c_pos, c_neg=cfg.c_neg)
+        st = fiberpo_gate_state(_log_ratio(batch, cfg)[0], batch.mask, eps=cfg.eps, c_pos=cfg.c_pos, c_neg=cfg.c_neg)
     return FiberLevelContext(P=st.P, N=st.N, T=st.T, ids=batch_levels(batch, cfg))
 
 
