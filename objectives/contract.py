@@ -45,6 +45,10 @@ class TokenBatch:
     n_seqs_global: float | None = None
     n_tokens_global: float | None = None
     n_keep_global: float | None = None  # selected tokens of the step (the KL denominator of entropy_band)
+    # Distillation (TIP): full-vocabulary divergences to the teacher, and TRL's per-rank loss denominator.
+    reverse_kl: Tensor | None = None  # [B, T] KL(P_student‖P_teacher) per token (carries the gradient)
+    forward_kl: Tensor | None = None  # [B, T] KL(P_teacher‖P_student), detached (q3_only scoring)
+    num_items: float | None = None  # kept tokens of the step ÷ world size (TRL's num_items_in_batch convention)
 
     def __post_init__(self) -> None:
         if self.logp.dim() != 2:

@@ -21,6 +21,7 @@ from .entropy_band import (
 )
 from .fiber import FiberPOConfig, fiberpo_loss, fiberpo_step_stats
 from .grpo import GRPOConfig, grpo_loss, grpo_needs_step_selection, grpo_select
+from .tip import TipConfig, tip_loss, tip_needs_step_selection
 
 
 @dataclass(frozen=True)
@@ -36,7 +37,9 @@ class Entry:
       each micro-batch);
     * ``step_stats(batch, cfg)`` — per-row statistics of the *current* policy that other micro-batches need (FiberPO's
       upper-level means), computed by a no-grad pass at the start of every optimizer step; the trainer passes the
-      other rows' values to ``loss`` as ``context=``. ``None`` when the loss needs no other rows.
+      other rows' values to ``loss`` as ``context=``. ``None`` when the loss needs no other rows;
+    * ``kind`` — the training loop it plugs into: ``rl`` (GRPO family, rewards and advantages) or ``distill``
+      (on-policy distillation against a teacher).
     """
 
     config: type
@@ -45,6 +48,7 @@ class Entry:
     sample_select: Callable[[TokenBatch, Any], tuple[Any, dict[str, float]]] | None = None
     needs_step_selection: Callable[[Any, int], bool] = lambda cfg, num_iterations: False
     step_stats: Callable[[TokenBatch, Any], Any] | None = None
+    kind: str = "rl"
 
 
 REGISTRY: dict[str, Entry] = {
@@ -53,6 +57,7 @@ REGISTRY: dict[str, Entry] = {
                           entropy_band_needs_step_selection),
     "d3s": Entry(D3SConfig, d3s_loss, d3s_select, d3s_sample_keep, lambda cfg, num_iterations: True),
     "fiberpo": Entry(FiberPOConfig, fiberpo_loss, step_stats=fiberpo_step_stats),
+    "tip": Entry(TipConfig, tip_loss, needs_step_selection=tip_needs_step_selection, kind="distill"),
 }
 
 
