@@ -49,7 +49,7 @@ def _one_of(value: str, valid: Sequence[str], what: str) -> None:
         raise ValueError(f"{what} must be one of {', '.join(valid)}; got {value!r}")
 
 
-@dataclass(frozen=True)
+@dataclass
 class TipConfig:
     """TIP selection and loss (spec §4 defaults). ``keep`` is the fraction kept (None → 0.5 for the top-k and
     sampling rules; it must stay unset for ``all`` and ``quadrant_mask``, which ignore it)."""
@@ -72,7 +72,7 @@ class TipConfig:
         _one_of(self.budget_scope, BUDGET_SCOPES, "budget_scope")
         _one_of(self.norm_scope, NORM_SCOPES, "norm_scope")
         _one_of(self.teacher_cache, TEACHER_CACHES, "teacher_cache")
-        object.__setattr__(self, "quadrants", tuple(self.quadrants))
+        self.quadrants = tuple(self.quadrants)
         for q in self.quadrants:
             _one_of(q, QUADRANTS, "each of quadrants")
         if self.rule in ("all", "quadrant_mask") and self.keep is not None:

@@ -136,7 +136,10 @@ def _check_component(node: dict[str, Any], where: str, name: str, cls: type, pro
 def _cross_checks(cfg: DictConfig, objective: objectives.Objective | None, problems: list[str]) -> None:
     t = cfg.trainer
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if t.num_generations < 2:
+    distill = objective is not None and objective.entry.kind == "distill"
+    if distill:
+        _distill_checks(cfg, problems)
+    elif t.num_generations < 2:
         problems.append(f"trainer.num_generations: GRPO needs at least 2 completions per prompt, got {t.num_generations}")
     rows = t.prompts_per_step * t.num_generations
     if rows % (world * t.gradient_accumulation_steps):
@@ -170,6 +173,21 @@ def _cross_checks(cfg: DictConfig, objective: objectives.Objective | None, probl
             )
         if objective.entry.select is None and t.selection_pass == "always":
             problems.append(f"trainer.selection_pass: objective {objective.name!r} has no step-level selection")
+
+
+def _distill_checks(cfg: DictConfig, problems: list[str]) -> None:
+    """On-policy distillation (TRL's DistillationTrainer): one completion per prompt row, one update per rollout."""
+    t = cfg.trainer
+    if t.num_generations != 1:
+        problems.append(f"trainer.num_generations: on-policy distillation samples one completion per prompt row, got "
+                        f"{t.num_generations} (use the distill_cpu trainer group; repeat prompts in the data for more)")
+    if t.num_iterations != 1:
+        problems.append(f"trainer.num_iterations: TRL's DistillationTrainer updates once per rollout, got "
+                        f"{t.num_iterations}")
+    if cfg.reward.name != "verifier":
+        problems.append("reward.name: distillation has no reward; leave reward.name=verifier")
+    if cfg.distill.head not in ("tokensel", "trl"):
+        problems.append(f"distill.head: must be tokensel or trl, got {cfg.distill.head!r}")
 
 
 def selection_pass_enabled(cfg: DictConfig, objective: objectives.Objective) -> bool:

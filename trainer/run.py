@@ -17,11 +17,13 @@ from transformers import TrainerCallback
 from transformers.trainer_callback import ProgressCallback
 
 from .config import Resolved, selection_pass_enabled
+from .distill import TipDistillationTrainer
 from .evaluate import evaluate
 from .grpo_adapter import TokenSelectiveGRPOTrainer
 from .modeling import build_model, count_parameters
 from .rewards import MajorityVoteReward, task_reward
 from .tasks import TASKS
+from .teacher import build_teacher
 from .tracking import CompactProgress, MetricsCallback, init_wandb
 from .warmup import cache_key, warm_start
 
@@ -104,19 +106,11 @@ def run(resolved: Resolved) -> dict[str, Any]:
     if main:
         metrics_path.unlink(missing_ok=True)
     callback = MetricsCallback(metrics_path, wandb_run, resolved.objective.name)
-    if resolved.objective.config.ref_coef > 0:
-        reference_path(model, tokenizer, run_dir)
-    trainer = TokenSelectiveGRPOTrainer(
-        model=model,
-        processing_class=tokenizer,
-        reward_funcs=[reward_function(cfg, task)],
-        args=grpo_args(cfg, resolved.objective, run_dir),
-        train_dataset=Dataset.from_list(training_rows(cfg, task, train_rows)),
-        callbacks=[callback],
-        objective=resolved.objective,
-        selection_pass=selection_pass_enabled(cfg, resolved.objective),
-        domains=[task.domain_of(r) for r in train_rows],
-    )
+    extra: dict[str, Any] = {}
+    if resolved.objective.entry.kind == "distill":
+        trainer, extra = distillation_trainer(resolved, model, tokenizer, train_rows, run_dir, callback, held_out)
+    else:
+        trainer = grpo_trainer(resolved, model, tokenizer, task, train_rows, run_dir, callback)
     periodic = PeriodicEval(held_out, cfg.eval.every, callback)
     if cfg.eval.enabled and cfg.eval.every > 0:
         trainer.add_callback(periodic)
@@ -152,6 +146,7 @@ def run(resolved: Resolved) -> dict[str, Any]:
         "kernels_backend": trainer.kernels_backend,
         "wall_seconds": round(time.perf_counter() - start, 1),
         "warmup": warmup_info,
+        **extra,
         "run_dir": str(run_dir),
         "checkpoint": str(final_dir),
         "metrics": str(metrics_path),
@@ -166,6 +161,48 @@ def run(resolved: Resolved) -> dict[str, Any]:
             wandb_run.finish()
         print_summary(summary)
     return summary
+
+
+def grpo_trainer(resolved: Resolved, model, tokenizer, task, train_rows, run_dir: Path, callback):
+    cfg = resolved.cfg
+    if resolved.objective.config.ref_coef > 0:
+        reference_path(model, tokenizer, run_dir)
+    return TokenSelectiveGRPOTrainer(
+        model=model,
+        processing_class=tokenizer,
+        reward_funcs=[reward_function(cfg, task)],
+        args=grpo_args(cfg, resolved.objective, run_dir),
+        train_dataset=Dataset.from_list(training_rows(cfg, task, train_rows)),
+        callbacks=[callback],
+        objective=resolved.objective,
+        selection_pass=selection_pass_enabled(cfg, resolved.objective),
+        domains=[task.domain_of(r) for r in train_rows],
+    )
+
+
+def distillation_trainer(resolved: Resolved, model, tokenizer, train_rows, run_dir: Path, callback, held_out):
+    """The teacher (built and cached, or loaded), its held-out accuracy, and the TIP distillation trainer."""
+    cfg = resolved.cfg
+    teacher_cfg = OmegaConf.to_object(cfg.distill.teacher)
+    cache_dir = Path(cfg.warmup.cache_dir or Path(cfg.run.root) / ".cache" / "warmup")
+    teacher, info = build_teacher(teacher_cfg, OmegaConf.to_object(cfg.model), tokenizer, model, train_rows,
+                                  OmegaConf.to_container(cfg.task, resolve=True), cfg.seed, cache_dir)
+    accuracy = held_out(teacher)
+    if accuracy and is_main_process():
+        print(f"[tokensel] teacher ({count_parameters(teacher) / 1e6:.2f}M params, "
+              f"{'cached' if info.get('cached') else info['source']}) held-out accuracy: {_fmt(accuracy)}")
+    trainer = TipDistillationTrainer(
+        model=model,
+        teacher_model=teacher,
+        processing_class=tokenizer,
+        args=distill_args(cfg, run_dir),
+        train_dataset=Dataset.from_list([{"prompt": r["prompt"]} for r in train_rows]),
+        callbacks=[callback],
+        objective=resolved.objective,
+        head=cfg.distill.head,
+    )
+    return trainer, {"teacher": {**info, "parameters": count_parameters(teacher),
+                                 "accuracy": accuracy.get(cfg.eval.metric) if accuracy else None}}
 
 
 class PeriodicEval(TrainerCallback):
@@ -218,10 +255,24 @@ def grpo_args(cfg, objective, run_dir: Path):
     from trl import GRPOConfig
 
     t = cfg.trainer
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    per_device = t.prompts_per_step * t.num_generations // (world * t.gradient_accumulation_steps)
     c = objective.config
     return GRPOConfig(
+        **common_args(cfg, run_dir),
+        steps_per_generation=t.gradient_accumulation_steps,
+        num_generations=t.num_generations,
+        num_iterations=t.num_iterations,
+        # TRL computes ref log-probs and loads a reference model only when beta > 0.
+        beta=float(c.ref_coef),
+        loss_type=getattr(c, "loss_type", "dapo"),
+        epsilon=float(getattr(c, "epsilon_low", 0.2)),
+        epsilon_high=float(getattr(c, "epsilon_high", 0.2)),
+    )
+
+
+def common_args(cfg, run_dir: Path) -> dict[str, Any]:
+    """TrainingArguments shared by the RL and the distillation trainers."""
+    t = cfg.trainer
+    return dict(
         output_dir=str(run_dir / "checkpoints"),
         max_steps=t.max_steps,
         learning_rate=t.learning_rate,
@@ -229,19 +280,11 @@ def grpo_args(cfg, objective, run_dir: Path):
         warmup_steps=t.warmup_steps,
         weight_decay=t.weight_decay,
         max_grad_norm=t.max_grad_norm,
-        per_device_train_batch_size=per_device,
+        per_device_train_batch_size=t.prompts_per_step * t.num_generations // (world_size() * t.gradient_accumulation_steps),
         gradient_accumulation_steps=t.gradient_accumulation_steps,
-        steps_per_generation=t.gradient_accumulation_steps,
-        num_generations=t.num_generations,
         max_completion_length=t.max_completion_length,
         temperature=t.temperature,
         top_p=t.top_p,
-        num_iterations=t.num_iterations,
-        # TRL computes ref log-probs and loads a reference model only when beta > 0.
-        beta=float(c.ref_coef),
-        loss_type=getattr(c, "loss_type", "dapo"),
-        epsilon=float(getattr(c, "epsilon_low", 0.2)),
-        epsilon_high=float(getattr(c, "epsilon_high", 0.2)),
         logging_steps=t.logging_steps,
         save_strategy="steps" if t.save_steps else "no",
         save_steps=t.save_steps or 500,
@@ -253,6 +296,17 @@ def grpo_args(cfg, objective, run_dir: Path):
         disable_tqdm=not is_main_process(),
         dataloader_num_workers=0,
     )
+
+
+def distill_args(cfg, run_dir: Path):
+    from trl import DistillationConfig
+
+    # beta 1 = reverse KL (TIP's loss); dropout off so the scoring and loss passes see one distribution.
+    return DistillationConfig(**common_args(cfg, run_dir), beta=1.0, disable_dropout=True)
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def _check_lengths(cfg, tokenizer, rows) -> None:

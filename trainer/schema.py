@@ -91,6 +91,28 @@ class RewardConfig:
     leave_one_out: bool = F(False, "majority_vote: score each completion against the vote of the other G - 1")
 
 
+def _teacher_tiny() -> TinyModelConfig:
+    return TinyModelConfig(hidden_size=256, intermediate_size=768, num_layers=4, num_heads=4)
+
+
+@dataclass
+class TeacherConfig:
+    name_or_path: str | None = F(None, "HF hub id or local directory of the teacher; null builds a larger tiny model "
+                                 "locally and trains it on the task's demonstrations (cached)")
+    tiny: TinyModelConfig = field(default_factory=_teacher_tiny)
+    warmup_steps: int = F(1500, "supervised steps of the locally built teacher (longer than the student's warm-up)")
+    warmup_learning_rate: float = F(1e-3, "AdamW learning rate of the teacher's training")
+    clean_demos: bool = F(True, "train the local teacher on the true answers (the task's noisy demonstrations, if "
+                          "any, are for the student)")
+
+
+@dataclass
+class DistillConfig:
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    head: str = F("tokensel", "tokensel: the loss pass projects and back-propagates only the kept tokens "
+                  "(kernels.token_stats) | trl: TRL's own _compute_loss on the folded mask (its chunked kernel)")
+
+
 @dataclass
 class TrackingConfig:
     wandb: str = F("auto", "auto | online | offline | disabled: auto is online with an API key, else offline")
@@ -118,6 +140,7 @@ class TokenselConfig:
     warmup: WarmupConfig = field(default_factory=WarmupConfig)
     trainer: GRPOTrainerConfig = field(default_factory=GRPOTrainerConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 

@@ -90,14 +90,7 @@ def select_step(acc, out: dict[str, Any], entropy: torch.Tensor, objective: Obje
     (rows, valid tokens before rollouts were dropped) only feeds the metrics."""
     mask = loss_mask(out)
     rows, T = mask.shape
-    counts = acc.gather(torch.tensor([rows], device=mask.device))
-    real = torch.cat([torch.arange(int(counts.max()), device=mask.device) < int(c) for c in counts])
-
-    def gather_rows(x: torch.Tensor, pad) -> torch.Tensor:
-        if x.dim() == 2:
-            x = acc.pad_across_processes(x, dim=1, pad_index=pad)
-        return acc.gather(acc.pad_across_processes(x, dim=0, pad_index=pad))[real]
-
+    gather_rows = RowGather(acc, rows, mask.device)
     sample_keep = out.get("sample_keep")
     step = TokenBatch(
         logp=gather_rows(torch.zeros_like(entropy), 0.0),
@@ -111,13 +104,34 @@ def select_step(acc, out: dict[str, Any], entropy: torch.Tensor, objective: Obje
     )
     kwargs = {} if before is None else {"n_rows_all": before[0], "n_valid_all": before[1]}
     sel = objective.entry.select(step, objective.config, **kwargs)
-    start = int(counts[: acc.process_index].sum())
+    start = gather_rows.start
     for k, v in sel.rows.items():
         local = v[start : start + rows]
         out[k] = local[:, :T] & mask.bool() if k == "keep" else local
     for k, v in sel.counts.items():
         out[k] = torch.tensor(float(v), device=mask.device)
     return sel.metrics
+
+
+class RowGather:
+    """Gathers ``[rows, ...]`` tensors of every rank in rank order (= global row order), padding a second dimension
+    to the longest rank's; ranks may hold different row counts. ``start`` is this rank's first global row."""
+
+    def __init__(self, acc, rows: int, device: torch.device) -> None:
+        self.acc = acc
+        counts = acc.gather(torch.tensor([rows], device=device))
+        self.real = torch.cat([torch.arange(int(counts.max()), device=device) < int(c) for c in counts])
+        self.start = int(counts[: acc.process_index].sum())
+        self.rows = rows
+
+    def __call__(self, x: torch.Tensor, pad) -> torch.Tensor:
+        if x.dim() == 2:
+            x = self.acc.pad_across_processes(x, dim=1, pad_index=pad)
+        return self.acc.gather(self.acc.pad_across_processes(x, dim=0, pad_index=pad))[self.real]
+
+    def local(self, x: torch.Tensor) -> torch.Tensor:
+        """This rank's rows of a gathered tensor."""
+        return x[self.start : self.start + self.rows]
 
 
 def _map_rows(stats: Any, fn) -> Any:
@@ -144,11 +158,10 @@ def gather_row_stats(acc, parts: list[Any], rollout_ids: list[torch.Tensor]) -> 
     """Concatenate this rank's per-micro-batch row statistics (``Entry.step_stats``) and gather them from every
     rank, with their global row ids; every rank ends with the same step-wide table."""
     ids = torch.cat(rollout_ids)
-    counts = acc.gather(torch.tensor([ids.numel()], device=ids.device))
-    real = torch.cat([torch.arange(int(counts.max()), device=ids.device) < int(c) for c in counts])
+    rows = RowGather(acc, ids.numel(), ids.device)
 
     def gather(x: torch.Tensor, _i=None) -> torch.Tensor:
-        return acc.gather(acc.pad_across_processes(x, dim=0, pad_index=0))[real]
+        return rows(x, 0)
 
     return _map_rows(_cat_rows(parts), gather), gather(ids)
 
