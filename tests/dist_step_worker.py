@@ -15,7 +15,9 @@ from accelerate import Accelerator
 
 import objectives
 from objectives import TokenBatch
+from objectives.tip import tip_loss
 from trainer import step_selection
+from trainer.tip_step import tip_step
 
 B, T, G = 16, 6, 4
 CASES = {
@@ -112,10 +114,71 @@ def run_case(acc, name, micro_batches, data):
     return {"loss": total, "grads": grads, "selected": selected}
 
 
+# TIP (distillation): rows 8..15 hold one valid token, so at keep 0.5 their budget is 0 and, on 2 ranks, rank 1
+# keeps no token under the per-sequence budget (it must still take part in every collective).
+TIP_CASES = {
+    "tip_soft_or": {"rule": "soft_or", "keep": 0.5},
+    "tip_entropy_sample": {"rule": "entropy_sample", "keep": 0.5, "seed": 3},
+    "tip_q3": {"rule": "q3_only", "keep": 0.5},
+    "tip_global_budget": {"rule": "soft_or", "keep": 0.3, "budget_scope": "global_batch"},
+    "tip_entropy_sample_iw": {"rule": "entropy_sample", "keep": 0.5, "importance_weighting": True},
+}
+TIP_STEP = 5
+
+
+def tip_tensors():
+    g = torch.Generator().manual_seed(99)
+    d = torch.float64
+    lengths = torch.cat([torch.randint(2, T + 1, (B // 2,), generator=g), torch.ones(B // 2, dtype=torch.long)])
+    return {
+        "mask": torch.arange(T)[None] < lengths[:, None],
+        "entropy": torch.rand(B, T, generator=g, dtype=d) * 2,
+        "theta": torch.randn(B, T, generator=g, dtype=d),  # reverse KL = softplus(theta): the gradient path
+        "forward_kl": torch.rand(B, T, generator=g, dtype=d),
+    }
+
+
+def run_tip_case(acc, name, micro_batches, data):
+    cfg = objectives.build("tip", **TIP_CASES[name]).config
+    world, rank = acc.num_processes, acc.process_index
+    rows = B // world
+    ids = torch.arange(rank * rows, (rank + 1) * rows)
+    theta = data["theta"].clone().requires_grad_()
+    rkl = torch.nn.functional.softplus(theta)
+    step = tip_step(acc, data["mask"][ids], data["entropy"][ids], rkl.detach()[ids], ids, cfg, TIP_STEP,
+                    data["forward_kl"][ids])
+    denominator = step.n_valid if cfg.importance_weighting else step.n_keep
+    perm = torch.randperm(rows, generator=torch.Generator().manual_seed(rank + 7))  # TRL shuffles the rows
+    total = torch.zeros((), dtype=torch.float64)
+    for chunk in perm.chunk(micro_batches):
+        r = ids[chunk]
+        batch = TokenBatch(logp=torch.zeros(len(r), T, dtype=torch.float64), mask=data["mask"][r],
+                           entropy=data["entropy"][r], reverse_kl=rkl[r], keep=step.keep[chunk],
+                           num_items=denominator / world)
+        out = tip_loss(batch, cfg)
+        out.loss.backward(retain_graph=True)  # a rank with no kept token back-propagates a connected zero
+        total = total + out.loss.detach()
+    grads = theta.grad.clone()
+    selected = torch.zeros(B, T, dtype=torch.long)
+    selected[ids] = step.keep.long()
+    local_kept = torch.tensor(float(step.keep.sum()), dtype=torch.float64)
+    kept_per_rank = [local_kept.clone() for _ in range(world)]
+    if world > 1:  # DDP averages the gradients of the ranks
+        dist.all_reduce(total)
+        dist.all_reduce(grads)
+        dist.all_reduce(selected)
+        dist.all_gather(kept_per_rank, local_kept)
+        total, grads = total / world, grads / world
+    return {"loss": total, "grads": grads, "selected": selected.bool(), "metrics": step.metrics,
+            "kept_per_rank": torch.stack(kept_per_rank)}
+
+
 def main(path: str) -> None:
     acc = Accelerator(cpu=True)
     data = step_tensors()
     results = {f"{name}/mb{mb}": run_case(acc, name, mb, data) for name in CASES for mb in (1, 8)}
+    tip_data = tip_tensors()
+    results |= {f"{name}/mb{mb}": run_tip_case(acc, name, mb, tip_data) for name in TIP_CASES for mb in (1, 4)}
     if acc.process_index == 0:
         torch.save(results, path)
     acc.wait_for_everyone()

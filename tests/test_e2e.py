@@ -108,6 +108,25 @@ def test_grpo_family_experiments_run_end_to_end(tmp_path, experiment, prefix):
         assert rows and all(0 < r < 16 * 6 for r in rows)
 
 
+@pytest.mark.parametrize("experiment", ["opd_all", "tip_soft_or", "tip_entropy_sample", "tip_q3"])
+def test_distillation_experiments_run_end_to_end(tmp_path, experiment):
+    run_dir, summary = run_small(tmp_path, "tracking.wandb=disabled", "trainer.num_generations=1",
+                                 "distill.teacher.warmup_steps=40", "trainer.prompts_per_step=8",
+                                 experiment=experiment)
+    assert summary["rl_steps"] == 3 and summary["accuracy_after"] is not None
+    assert summary["teacher"]["parameters"] > 2 * 870_000 and summary["teacher"]["accuracy"] is not None
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    kept = [m["objective/tip/kept_token_frac"] for m in metrics if "objective/tip/kept_token_frac" in m]
+    assert len(kept) == 3
+    if experiment == "opd_all":
+        assert kept == [1.0, 1.0, 1.0]
+    else:
+        assert all(0 < k < 1 for k in kept)
+        assert any("objective/tip/quadrant/q3" in m for m in metrics)
+    if experiment == "tip_q3":
+        assert any("objective/tip/fkl_kept" in m for m in metrics)
+
+
 def test_local_model_dir_and_local_jsonl(tmp_path):
     """Real-use path: model.name_or_path=<dir> and task=file with a local JSONL go through the same code."""
     from trainer.modeling import build_model

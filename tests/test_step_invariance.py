@@ -15,7 +15,8 @@ import torch
 
 import objectives
 from objectives import TokenBatch
-from tests.dist_step_worker import CASES, PROGRESS, UPPER_GATES_ACTIVE, step_tensors
+from objectives.tip import row_generators, tip_loss, tip_scores, tip_select
+from tests.dist_step_worker import CASES, PROGRESS, TIP_CASES, TIP_STEP, UPPER_GATES_ACTIVE, step_tensors, tip_tensors
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -77,3 +78,37 @@ def test_world_size_and_micro_batches_do_not_change_the_step(results, name):
             torch.testing.assert_close(r["grads"], grads, rtol=0, atol=1e-12)
     # tokens that are not selected get exactly zero gradient (theta; phi also carries only the band term)
     assert grads[0][~selected].abs().sum() == 0
+
+
+def tip_whole_step(name):
+    """TIP on the whole step in one process: statistics, scores and selection over all rows at once."""
+    cfg = objectives.build("tip", **TIP_CASES[name]).config
+    d = tip_tensors()
+    theta = d["theta"].clone().requires_grad_()
+    rkl = torch.nn.functional.softplus(theta)
+    scores = tip_scores(d["entropy"], rkl.detach(), d["mask"], rule=cfg.rule,
+                        forward_kl=d["forward_kl"] if cfg.needs_forward_kl else None)
+    gens = row_generators(cfg.seed, TIP_STEP, torch.arange(len(theta))) if cfg.rule == "entropy_sample" else None
+    keep = tip_select(scores.score, d["mask"], cfg.fraction, rule=cfg.rule, budget_scope=cfg.budget_scope,
+                      generator=gens)
+    out = tip_loss(TokenBatch(logp=torch.zeros_like(theta), mask=d["mask"], entropy=d["entropy"], reverse_kl=rkl,
+                              keep=keep), cfg)
+    out.loss.backward()
+    return out.loss.detach(), theta.grad, keep
+
+
+@pytest.mark.parametrize("name", sorted(TIP_CASES))
+def test_tip_global_normalisation_does_not_depend_on_ranks_or_micro_batches(results, name):
+    loss, grads, keep = tip_whole_step(name)
+    assert 0 < keep.sum() < tip_tensors()["mask"].sum() and grads.abs().sum() > 0
+    for world in (1, 2):
+        for mb in (1, 4):
+            r = results[world][f"{name}/mb{mb}"]
+            assert abs(float(r["loss"]) - float(loss)) < 1e-12, (world, mb)
+            assert torch.equal(r["selected"], keep), (world, mb)
+            torch.testing.assert_close(r["grads"], grads, rtol=0, atol=1e-12)
+            assert r["metrics"]["kept_token_frac"] == pytest.approx(float(keep.sum()) / float(tip_tensors()["mask"].sum()))
+    assert grads[~keep].abs().sum() == 0  # unselected tokens get exactly zero gradient
+    if TIP_CASES[name].get("budget_scope", "per_sequence") == "per_sequence":
+        # rank 1 holds the one-token rollouts: it kept nothing and still ran every collective in lock-step
+        assert results[2][f"{name}/mb1"]["kept_per_rank"].tolist()[1] == 0.0

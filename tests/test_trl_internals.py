@@ -35,3 +35,19 @@ def test_scalars_survive_shuffle_and_split():
     assert torch.equal(shuffled["x"][:, 0] // 2, shuffled["ids"])  # rows move together
     for part in split_tensor_dict(shuffled, 2):
         assert part["n"].item() == 7.0 and part["x"].shape[0] == 2
+
+
+def test_distillation_internals_we_rely_on():
+    from trl import DistillationTrainer
+
+    sig = inspect.signature(DistillationTrainer._compute_loss).parameters
+    assert list(sig) == ["self", "unwrapped_student", "inputs", "num_items_in_batch"]
+    assert list(inspect.signature(DistillationTrainer._generate_and_score_completions).parameters) == ["self", "inputs"]
+    assert list(inspect.signature(DistillationTrainer._get_last_hidden_state).parameters)[:5] == [
+        "self", "unwrapped_model", "input_ids", "attention_mask", "logits_to_keep"]
+    src = inspect.getsource(DistillationTrainer._compute_loss)
+    assert 'completion_mask * inputs["tool_mask"]' in src  # TIP's selection is folded into tool_mask
+    assert 'inputs["num_items_in_batch"]' in inspect.getsource(DistillationTrainer.compute_loss)
+    gen = inspect.getsource(DistillationTrainer._generate_and_score_completions)
+    for key in ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask", "num_items_in_batch"):
+        assert f'"{key}"' in gen, key
