@@ -78,6 +78,29 @@ def gating_table(report: dict) -> str:
     return "\n".join(lines)
 
 
+def opd_tables(report: dict) -> str:
+    lines = ["| method | sampled before → after | greedy after | tokens trained | Q3 share of kept | step s | "
+             "step / TRL | RL s | peak RSS MB |", "|---|---|---|---|---|---|---|---|---|"]
+    for s in report["summary"]:
+        q3 = "–" if s["method"] in ("trl_distill", "opd_all") else f"{100 * (s['q3_share_kept'] or 0):.1f} %"
+        lines.append(f"| `{s['method']}` | {100 * s['accuracy_before']:.1f} → {100 * s['accuracy_after']:.1f} | "
+                     f"{100 * s['greedy_after']:.1f} | {100 * (s['kept_token_frac'] or 0):.1f} % | {q3} | "
+                     f"{_f(s['step_time_s'], 3)} | {_f(s['step_time_vs_trl'])} | {s['rl_seconds']:.0f} | "
+                     f"{s['peak_rss_mb']:.0f} |")
+    teacher = [s["teacher_accuracy"] for s in report["summary"] if s["teacher_accuracy"] is not None]
+    if teacher:
+        lines.append(f"\nTeacher held-out sampled accuracy: {100 * sum(teacher) / len(teacher):.1f} %.")
+    h = report["head"][0]
+    lines += [f"\nLoss-pass LM head, N = {h['N']}, d = {h['d']}, V = {h['V']} (fp32, forward + backward):\n",
+              "| implementation | keep | median ms | peak extra MB | time / keep 1.0 | time / TRL | model GFLOP | GFLOP/s |",
+              "|---|---|---|---|---|---|---|---|"]
+    for r in report["head"]:
+        lines.append(f"| {r['impl']} | {r['keep']} | {r['median_ms']:.0f} | {r['peak_extra_mb']:.1f} | "
+                     f"{_f(r['time_vs_keep1'])} | {_f(r['time_vs_trl'])} | {r['model_gflop']:.1f} | "
+                     f"{r['gflops_per_s']:.1f} |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dir", default="benchmarks/results")
@@ -86,7 +109,8 @@ def main(argv: list[str] | None = None) -> int:
     for name, render in (("token_stats_cpu.json", lambda r: token_stats_tables(r) + "\n\n" + targets_table(r)),
                          ("grpo_step_cpu.json", lambda r: grpo_step_table(r) + "\n\n" + targets_table(r)),
                          ("compare_grpo_family_cpu.json", grpo_family_table),
-                         ("compare_gating_cpu.json", gating_table)):
+                         ("compare_gating_cpu.json", gating_table),
+                         ("compare_opd_cpu.json", opd_tables)):
         path = d / name
         if path.exists():
             print(f"<!-- {path} -->")

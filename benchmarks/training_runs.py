@@ -25,7 +25,7 @@ def run_training(experiment: str, name: str, seed: int, steps: int, eval_every: 
     """Run one experiment; ``{"summary", "rows", "curve"}`` (curve: held-out accuracy at 0, every eval, the end)."""
     cmd = [sys.executable, "-m", "trainer", f"+experiment={experiment}", f"seed={seed}", f"run.root={root}",
            f"run.name={name}", f"trainer.max_steps={steps}", f"eval.every={eval_every}", "trainer.logging_steps=1",
-           "tracking.wandb=disabled", f"run.threads={threads}", *overrides, *(QUICK if quick else [])]
+           "tracking.wandb=disabled", f"run.threads={threads}", *(QUICK if quick else []), *overrides]
     env = {**os.environ, "TQDM_DISABLE": "1", "TOKENIZERS_PARALLELISM": "false"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode:

@@ -59,3 +59,17 @@ def test_compare_gating_quick(tmp_path):
     gspo, fiber = report["runs"]
     assert "clip_frac" in gspo["gates"] and "regime/G1_frac" in fiber["gates"]
     assert "level/domain/pos_zeroed_frac" in fiber["gates"] and [p["step"] for p in fiber["curve"]] == [0, 1, 2]
+
+
+def test_compare_opd_quick(tmp_path):
+    from benchmarks.compare_opd import main as opd_main
+
+    assert opd_main(["--quick", "--seeds", "0", "--methods", "trl_distill", "soft_or_20", "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "compare_opd_cpu.json").read_text())
+    assert (tmp_path / "compare_opd_cpu.png").stat().st_size > 0
+    trl, soft = report["summary"]
+    assert trl["kept_token_frac"] == 1.0 and 0 < soft["kept_token_frac"] < 1
+    assert trl["step_time_vs_trl"] == 1.0 and soft["peak_rss_mb"] > 0 and soft["teacher_accuracy"] is not None
+    head = report["head"]
+    assert {(r["impl"], r["keep"]) for r in head} >= {("tokensel", 0.2), ("trl", 1.0), ("naive", 0.5), ("scoring", 1.0)}
+    assert all(r["median_ms"] > 0 and "peak_extra_mb" in r for r in head)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import resource
 import time
 from pathlib import Path
 from typing import Any
@@ -95,7 +96,7 @@ def run(resolved: Resolved) -> dict[str, Any]:
 
     before = held_out(model)
     if before:
-        say(f"[tokensel] held-out accuracy before RL: {_fmt(before)}")
+        say(f"[tokensel] held-out accuracy before training: {_fmt(before)}")
 
     # ---- RL ------------------------------------------------------------------------------------------------------
     wandb_run = None
@@ -145,6 +146,7 @@ def run(resolved: Resolved) -> dict[str, Any]:
         "rl_seconds": round(rl_seconds, 1),  # training loop only (periodic evaluations excluded)
         "kernels_backend": trainer.kernels_backend,
         "wall_seconds": round(time.perf_counter() - start, 1),
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),  # whole process (Linux)
         "warmup": warmup_info,
         **extra,
         "run_dir": str(run_dir),
@@ -333,11 +335,12 @@ def print_summary(s: dict[str, Any]) -> None:
     lines = [
         "",
         f"== tokensel summary: {s['experiment']} ==",
-        f"held-out accuracy   before RL {pct(s['accuracy_before'])}  ->  after RL {pct(s['accuracy_after'])}"
+        f"held-out accuracy   before {pct(s['accuracy_before'])}  ->  after {pct(s['accuracy_after'])}"
         f"  [{s['accuracy_metric']}, {s['held_out_prompts']} prompts]",
-        f"greedy accuracy     before RL {pct(s['greedy_accuracy_before'])}  ->  after RL "
+        f"greedy accuracy     before {pct(s['greedy_accuracy_before'])}  ->  after "
         f"{pct(s['greedy_accuracy_after'])}",
-        f"kept-token fraction {'n/a' if kept is None else f'{kept:.3f}'}  ({s['rl_steps']} RL steps)",
+        f"kept-token fraction {'n/a' if kept is None else f'{kept:.3f}'}  ({s['rl_steps']} training steps)",
+        *([f"teacher accuracy    {pct(s['teacher']['accuracy'])}"] if "teacher" in s else []),
         f"wall time           {s['wall_seconds']:.0f} s",
         f"run directory       {s['run_dir']}  (summary.json, metrics.jsonl, config.yaml)",
         f"checkpoint          {s['checkpoint']}",
