@@ -25,7 +25,7 @@ import sys
 from pathlib import Path
 
 from benchmarks.token_stats import environment
-from benchmarks.training_runs import mean_of, run_arguments, run_jobs, run_training
+from benchmarks.training_runs import mean_of, plot_mean_curves, run_arguments, run_jobs, run_training
 
 METHODS = {
     "grpo_clip": ("fiberpo", ("objective=grpo", "objective.loss_type=grpo")),
@@ -75,12 +75,7 @@ def plot(runs: list[dict], summary: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    for method in METHODS:
-        rs = [r for r in runs if r["method"] == method]
-        if rs:
-            steps = [p["step"] for p in rs[0]["curve"]]
-            acc = [statistics.fmean(r["curve"][i]["sampled"] for r in rs) for i in range(len(steps))]
-            axes[0].plot(steps, [100 * a for a in acc], marker="o", label=method)
+    plot_mean_curves(axes[0], runs, METHODS)
     axes[0].set_xlabel("RL step")
     axes[0].set_ylabel("held-out sampled Pass@1 (%)")
     axes[0].set_title(f"off-policy (4 steps per batch), mean of {len({r['seed'] for r in runs})} seeds")

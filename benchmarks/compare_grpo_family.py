@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 from benchmarks.token_stats import environment
-from benchmarks.training_runs import run_arguments, run_jobs, run_training
+from benchmarks.training_runs import plot_mean_curves, run_arguments, run_jobs, run_training
 
 LABELLED = ("grpo", "grpo_top_entropy", "spine", "d3s")
 LABEL_FREE = ("ttrl", "ttrl_spine")
@@ -85,13 +85,7 @@ def plot(runs: list[dict], summary: list[dict], path: Path) -> None:
 
     fig, axes = plt.subplots(1, 3, figsize=(14, 4))
     for ax, methods, title in ((axes[0], LABELLED, "labelled reward"), (axes[1], LABEL_FREE, "label-free (TTRL)")):
-        for method in methods:
-            rs = [r for r in runs if r["method"] == method]
-            if not rs:
-                continue
-            steps = [p["step"] for p in rs[0]["curve"]]
-            acc = [statistics.fmean(r["curve"][i]["sampled"] for r in rs) for i in range(len(steps))]
-            ax.plot(steps, [100 * a for a in acc], marker="o", label=method)
+        plot_mean_curves(ax, runs, methods)
         ax.set_xlabel("RL step")
         ax.set_ylabel("held-out sampled Pass@1 (%)")
         ax.set_title(f"{title}, mean of {len({r['seed'] for r in runs})} seeds")

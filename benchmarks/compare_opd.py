@@ -9,8 +9,11 @@ the true sums (cached). 64 student rollouts per step, reverse KL on the kept tok
 * ``trl_distill``: TRL 1.16's own ``DistillationTrainer._compute_loss`` and chunked kernel on every token
   (``distill.head=trl``, rule ``all``: TRL's loss path, proven equal to ``DistillationTrainer`` in the tests);
 * ``opd_all``: the same loss through tokensel's kernels;
-* ``soft_or_50`` / ``soft_or_20``: TIP Soft-OR, 50 % / 20 % of each rollout's tokens;
-* ``entropy_sample_50``: 50 % sampled ∝ student entropy;  ``q3_20``: Q3-only, 20 %.
+* ``soft_or_50``: TIP Soft-OR, ``⌊0.5·m_i⌋`` of each rollout's ``m_i`` tokens (the paper's per-sequence budget;
+  the answers here are 2–4 tokens long, so it keeps about 38 %);
+* ``soft_or_50_pool`` / ``soft_or_20_pool``: Soft-OR with one budget over the step (``budget_scope=global_batch``):
+  exactly 50 % / 20 %. A per-sequence budget at 20 % keeps nothing from a rollout shorter than 5 tokens;
+* ``entropy_sample_50``: 50 % per rollout sampled ∝ student entropy;  ``q3_20_pool``: Q3-only, 20 % of the step.
 
 Recorded: held-out accuracy every ``--eval-every`` steps, kept-token fraction, the loop's wall time, the mean step
 time and the process's peak RSS. Part 2 (``benchmarks/opd_head.py``): the loss pass's LM head at N = 1024 tokens,
@@ -27,15 +30,16 @@ from pathlib import Path
 
 from benchmarks.opd_head import head_rows
 from benchmarks.token_stats import environment
-from benchmarks.training_runs import mean_of, run_arguments, run_jobs, run_training
+from benchmarks.training_runs import mean_of, plot_mean_curves, run_arguments, run_jobs, run_training
 
 METHODS = {
     "trl_distill": ("opd_all", ("distill.head=trl",)),
     "opd_all": ("opd_all", ()),
     "soft_or_50": ("tip_soft_or", ()),
-    "soft_or_20": ("tip_soft_or", ("objective.keep=0.2",)),
+    "soft_or_50_pool": ("tip_soft_or", ("objective.budget_scope=global_batch",)),
+    "soft_or_20_pool": ("tip_soft_or", ("objective.keep=0.2", "objective.budget_scope=global_batch")),
     "entropy_sample_50": ("tip_entropy_sample", ()),
-    "q3_20": ("tip_q3", ()),
+    "q3_20_pool": ("tip_q3", ()),
 }
 DISTILL_QUICK = ("trainer.num_generations=1", "distill.teacher.warmup_steps=30")
 
@@ -78,12 +82,7 @@ def plot(runs: list[dict], summary: list[dict], head: list[dict], path: Path) ->
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.2))
-    for method in METHODS:
-        rs = [r for r in runs if r["method"] == method]
-        if rs:
-            steps = [p["step"] for p in rs[0]["curve"]]
-            acc = [statistics.fmean(r["curve"][i]["sampled"] for r in rs) for i in range(len(steps))]
-            axes[0].plot(steps, [100 * a for a in acc], marker="o", label=method)
+    plot_mean_curves(axes[0], runs, METHODS)
     teacher = [s["teacher_accuracy"] for s in summary if s["teacher_accuracy"] is not None]
     if teacher:
         axes[0].axhline(100 * statistics.fmean(teacher), color="gray", ls="--", label="teacher")

@@ -46,6 +46,18 @@ def mean_of(rows: list[dict], key: str) -> float | None:
     return sum(vals) / len(vals) if vals else None
 
 
+def plot_mean_curves(ax, runs: list[dict], methods) -> None:
+    """Held-out sampled accuracy against steps, the mean over seeds, one line per method (in ``methods`` order)."""
+    import statistics
+
+    for method in methods:
+        rs = [r for r in runs if r["method"] == method]
+        if rs:
+            steps = [p["step"] for p in rs[0]["curve"]]
+            acc = [statistics.fmean(r["curve"][i]["sampled"] for r in rs) for i in range(len(steps))]
+            ax.plot(steps, [100 * a for a in acc], marker="o", label=method)
+
+
 def run_arguments(doc: str, methods: list[str]) -> argparse.ArgumentParser:
     """The command line shared by the training-run benchmarks."""
     ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)

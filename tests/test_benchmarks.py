@@ -64,7 +64,7 @@ def test_compare_gating_quick(tmp_path):
 def test_compare_opd_quick(tmp_path):
     from benchmarks.compare_opd import main as opd_main
 
-    assert opd_main(["--quick", "--seeds", "0", "--methods", "trl_distill", "soft_or_20", "--out", str(tmp_path)]) == 0
+    assert opd_main(["--quick", "--seeds", "0", "--methods", "trl_distill", "soft_or_20_pool", "--out", str(tmp_path)]) == 0
     report = json.loads((tmp_path / "compare_opd_cpu.json").read_text())
     assert (tmp_path / "compare_opd_cpu.png").stat().st_size > 0
     trl, soft = report["summary"]

@@ -118,6 +118,9 @@ def test_distillation_experiments_run_end_to_end(tmp_path, experiment):
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     kept = [m["objective/tip/kept_token_frac"] for m in metrics if "objective/tip/kept_token_frac" in m]
     assert len(kept) == 3
+    # the loss head projects and back-propagates the kept tokens only
+    bwd = [m["kernels/backward_row_fraction"] for m in metrics if "kernels/backward_row_fraction" in m]
+    assert bwd == pytest.approx(kept, abs=1e-12)
     if experiment == "opd_all":
         assert kept == [1.0, 1.0, 1.0]
     else:
@@ -147,6 +150,31 @@ def test_local_model_dir_and_local_jsonl(tmp_path):
     assert summary["rl_steps"] == 3 and (run_dir / "final" / "config.json").exists()
     assert "task: file" not in (run_dir / "config.yaml").read_text()  # resolved config, not the group name
     assert str(data) in (run_dir / "config.yaml").read_text()
+
+
+def test_distillation_with_a_local_teacher_dir_and_a_mismatched_one(tmp_path):
+    """A real teacher goes through model loading by path; one with another tokenizer fails before training."""
+    from trainer.modeling import build_tiny
+    from trainer.schema import ModelConfig, TinyModelConfig
+    from trainer.tokenizer import build_char_tokenizer
+
+    teacher, tok = build_tiny(ModelConfig(tiny=TinyModelConfig(hidden_size=64, intermediate_size=128)), seed=3)
+    good = tmp_path / "teacher"
+    teacher.save_pretrained(good)
+    tok.save_pretrained(good)
+    run_dir, summary = run_small(tmp_path, "tracking.wandb=disabled", "trainer.num_generations=1",
+                                 f"distill.teacher.name_or_path={good}", experiment="tip_soft_or")
+    assert summary["teacher"]["source"] == str(good) and summary["rl_steps"] == 3
+
+    other_tok = build_char_tokenizer("0123456789+-=")
+    other, _ = build_tiny(ModelConfig(), seed=0)
+    other.resize_token_embeddings(len(other_tok))
+    bad = tmp_path / "bad-teacher"
+    other.save_pretrained(bad)
+    other_tok.save_pretrained(bad)
+    with pytest.raises(ValueError, match="tokenizers differ"):
+        run_small(tmp_path, "tracking.wandb=disabled", "trainer.num_generations=1",
+                  f"distill.teacher.name_or_path={bad}", experiment="tip_soft_or")
 
 
 def test_no_cuda_wheels_in_environment():

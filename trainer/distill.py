@@ -38,7 +38,7 @@ from trl import DistillationTrainer
 import kernels
 from objectives import Objective, TokenBatch
 
-from .stats_head import head_is_plain
+from .stats_head import head_is_plain, log_backward_rows
 from .step_selection import loss_mask
 from .tip_step import TipStep, keep_all, tip_step
 
@@ -67,6 +67,7 @@ class TipDistillationTrainer(DistillationTrainer):
         self.objective, self.tip, self.head = objective, cfg, head
         self._teacher_rows: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._skip_step = False
+        self._valid_rows = 0
         super().__init__(*args, **kwargs)
         for who, m in (("student", self.model), ("teacher", self.teacher_model)):
             if m is not None and not head_is_plain(self.accelerator.unwrap_model(m)) and head == "tokensel":
@@ -190,6 +191,7 @@ class TipDistillationTrainer(DistillationTrainer):
                                  temperature=self.temperature, mask=kept, teacher_hidden=h_t,
                                  teacher_weight=t_head.weight, teacher_bias=t_head.bias, divergences=("reverse_kl",))
         valid = inputs.get("tip_valid", kept)
+        self._valid_rows = int(valid.sum())
         batch = TokenBatch(logp=st.logp, mask=valid, entropy=inputs.get("tip_entropy"), reverse_kl=st.reverse_kl,
                            keep=kept, num_items=None if num_items_in_batch is None else float(num_items_in_batch))
         out = self.objective(batch)
@@ -197,6 +199,13 @@ class TipDistillationTrainer(DistillationTrainer):
             raise FloatingPointError(f"TIP loss is {out.loss.item()} at step {self.state.global_step}: "
                                      f"{int((~torch.isfinite(st.reverse_kl[kept])).sum())} non-finite reverse-KL values")
         return out.loss, (st.entropy * kept).sum().detach(), kept.sum()
+
+    def training_step(self, model, inputs, num_items_in_batch):
+        before = kernels.counters()["rows_backward"]
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if self.head == "tokensel":  # the head's backward rows against the valid tokens (≈ the kept fraction)
+            log_backward_rows(self, before, self._valid_rows, loss.device)
+        return loss
 
     @property
     def kernels_backend(self) -> str:

@@ -38,7 +38,7 @@ import kernels
 from objectives import Objective, TokenBatch
 
 from . import step_selection
-from .stats_head import add_token_stats_head
+from .stats_head import add_token_stats_head, log_backward_rows
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -150,12 +150,7 @@ class TokenSelectiveGRPOTrainer(GRPOTrainer):
         before = kernels.counters()["rows_backward"]
         loss = super().training_step(model, inputs, num_items_in_batch)
         if self.kernel_stats:
-            rows = kernels.counters()["rows_backward"] - before
-            counts = torch.tensor([rows, self._valid_rows], dtype=torch.float64, device=loss.device)
-            rows_bwd, rows_valid = self.accelerator.reduce(counts, reduction="sum").tolist()
-            self._metrics["train"]["kernels/rows_valid"].append(rows_valid)
-            self._metrics["train"]["kernels/rows_backward"].append(rows_bwd)
-            self._metrics["train"]["kernels/backward_row_fraction"].append(rows_bwd / max(1.0, rows_valid))
+            log_backward_rows(self, before, self._valid_rows, loss.device)
         return loss
 
     @property

@@ -15,6 +15,8 @@ from __future__ import annotations
 import functools
 import types
 
+import torch
+
 import kernels
 
 UNSUPPORTED_HEAD_OPTIONS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier",
@@ -46,3 +48,15 @@ def add_token_stats_head(model, temperature: float) -> bool:
 
     model.forward = types.MethodType(forward, model)
     return True
+
+
+def log_backward_rows(trainer, rows_before: int, rows_valid: int, device: torch.device) -> None:
+    """``kernels/rows_valid``, ``kernels/rows_backward`` and their ratio for one micro-batch, summed over ranks:
+    the head's backward work against the valid tokens (``rows_before``: ``kernels.counters()`` before the step)."""
+    rows = kernels.counters()["rows_backward"] - rows_before
+    counts = torch.tensor([rows, rows_valid], dtype=torch.float64, device=device)
+    rows_bwd, valid = trainer.accelerator.reduce(counts, reduction="sum").tolist()
+    metrics = trainer._metrics["train"]
+    metrics["kernels/rows_valid"].append(valid)
+    metrics["kernels/rows_backward"].append(rows_bwd)
+    metrics["kernels/backward_row_fraction"].append(rows_bwd / max(1.0, valid))
