@@ -370,7 +370,7 @@ def tip_step_metrics(scores: TipScores, keep: Tensor, mask: Tensor, reverse_kl: 
 
 
 # ---- loss ------------------------------------------------------------------------------------------------------
-def select_in_batch(batch: TokenBatch, cfg: TipConfig) -> tuple[Tensor, TipScores]:
+def select_in_batch(batch: TokenBatch, cfg: TipConfig, step: int = 0) -> tuple[Tensor, TipScores]:
     """Score and select on the batch itself (the ``micro_batch`` scope, or a loop without a step-level pass)."""
     if batch.entropy is None or batch.reverse_kl is None:
         raise ValueError("tip_loss needs TokenBatch.entropy and TokenBatch.reverse_kl (or a precomputed keep)")
@@ -381,16 +381,17 @@ def select_in_batch(batch: TokenBatch, cfg: TipConfig) -> tuple[Tensor, TipScore
     gens = None
     if cfg.rule == "entropy_sample":
         ids = batch.rollout_ids if batch.rollout_ids is not None else torch.arange(batch.mask.shape[0])
-        gens = row_generators(cfg.seed, 0, ids)
+        gens = row_generators(cfg.seed, step, ids)
     keep = tip_select(scores.score, batch.mask, cfg.fraction, rule=cfg.rule, budget_scope=cfg.budget_scope,
                       generator=gens)
     return keep, scores
 
 
-def tip_loss(batch: TokenBatch, cfg: TipConfig) -> ObjectiveOutput:
+def tip_loss(batch: TokenBatch, cfg: TipConfig, *, step: int = 0) -> ObjectiveOutput:
     """``Σ_{t∈K} ω_t·δ_t / D`` (module docstring): one micro-batch's additive share of the step loss.
 
-    Uses ``batch.keep`` when the trainer decided the selection on the whole step, else selects on this batch.
+    Uses ``batch.keep`` when the trainer decided the selection on the whole step, else selects on this batch
+    (``step`` then seeds entropy sampling, with the rollout ids).
     ``D = batch.num_items`` (the step's kept count ÷ world size; valid count with importance weighting), else the
     local kept (valid) count. Nothing kept: a graph-connected zero.
     """
@@ -402,7 +403,7 @@ def tip_loss(batch: TokenBatch, cfg: TipConfig) -> ObjectiveOutput:
     if batch.keep is not None:
         keep = batch.keep.bool() & valid
     else:
-        keep, scores = select_in_batch(batch, cfg)
+        keep, scores = select_in_batch(batch, cfg, step)
         metrics = tip_step_metrics(scores, keep, valid, rkl.detach(), batch.entropy.detach(), cfg)
     if cfg.importance_weighting:
         if batch.entropy is None:

@@ -93,6 +93,8 @@ class TipDistillationTrainer(DistillationTrainer):
         out["rollout_ids"] = torch.arange(acc.process_index * rows, (acc.process_index + 1) * rows, device=device)
         valid = loss_mask(out).bool()
         self._teacher_rows = {}
+        if self.tip.norm_scope == "micro_batch":  # opt-in: each micro-batch scores and selects itself in the loss
+            return out
         if self._scores(self.tip):
             start = time.perf_counter()
             entropy, rkl, fkl, teacher_hidden = self._scoring_pass(out)
@@ -175,6 +177,8 @@ class TipDistillationTrainer(DistillationTrainer):
     def _compute_loss(self, unwrapped_student, inputs, num_items_in_batch):
         if self.head == "trl":
             return super()._compute_loss(unwrapped_student, inputs, num_items_in_batch)
+        if self.tip.norm_scope == "micro_batch" and self.model.training:
+            return self._micro_batch_loss(unwrapped_student, inputs)
         input_ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
         attention_mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
         T = inputs["completion_ids"].size(1)
@@ -199,6 +203,35 @@ class TipDistillationTrainer(DistillationTrainer):
             raise FloatingPointError(f"TIP loss is {out.loss.item()} at step {self.state.global_step}: "
                                      f"{int((~torch.isfinite(st.reverse_kl[kept])).sum())} non-finite reverse-KL values")
         return out.loss, (st.entropy * kept).sum().detach(), kept.sum()
+
+    def _micro_batch_loss(self, unwrapped_student, inputs):
+        """``norm_scope=micro_batch`` (a documented approximation): no scoring pass; the loss forward computes the
+        statistics of every valid token of the micro-batch, ``tip_loss`` normalises and selects on them, and the
+        step loss is the mean of the micro-batches' kept-token means (÷ gradient-accumulation steps; DDP averages
+        the ranks). Unkept tokens get zero upstream gradient, so the head's backward still skips them."""
+        input_ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
+        attention_mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
+        T = inputs["completion_ids"].size(1)
+        valid = loss_mask(inputs).bool()
+        self._valid_rows = int(valid.sum())
+        h_s = self._get_last_hidden_state(unwrapped_student, input_ids, attention_mask, T)
+        s_head, t_head = self._heads()
+        self.teacher_model.eval()
+        with torch.no_grad():
+            h_t = self._hidden("teacher", input_ids, attention_mask, T)
+        divergences = ("reverse_kl", "forward_kl") if self.tip.needs_forward_kl else ("reverse_kl",)
+        st = kernels.token_stats(h_s, s_head.weight, inputs["completion_ids"], bias=s_head.bias,
+                                 temperature=self.temperature, mask=valid, teacher_hidden=h_t,
+                                 teacher_weight=t_head.weight, teacher_bias=t_head.bias, divergences=divergences)
+        batch = TokenBatch(logp=st.logp, mask=valid, entropy=st.entropy.detach(), reverse_kl=st.reverse_kl,
+                           forward_kl=None if st.forward_kl is None else st.forward_kl.detach(),
+                           rollout_ids=inputs.get("rollout_ids"))
+        out = self.objective(batch, step=self.state.global_step)
+        for k, v in out.metrics.items():
+            self._log(k, v)
+        kept = out.token_weights > 0
+        loss = out.loss / self.current_gradient_accumulation_steps
+        return loss, (st.entropy.detach() * kept).sum(), kept.sum()
 
     def training_step(self, model, inputs, num_items_in_batch):
         before = kernels.counters()["rows_backward"]
