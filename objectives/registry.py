@@ -22,6 +22,7 @@ from .entropy_band import (
 from .fiber import FiberPOConfig, fiberpo_loss, fiberpo_step_stats
 from .grpo import GRPOConfig, grpo_loss, grpo_needs_step_selection, grpo_select
 from .tip import TipConfig, tip_loss, tip_needs_step_selection
+from .token_dpo import TokenDPOConfig, token_dpo_batch_loss
 
 
 @dataclass(frozen=True)
@@ -38,8 +39,8 @@ class Entry:
     * ``step_stats(batch, cfg)`` — per-row statistics of the *current* policy that other micro-batches need (FiberPO's
       upper-level means), computed by a no-grad pass at the start of every optimizer step; the trainer passes the
       other rows' values to ``loss`` as ``context=``. ``None`` when the loss needs no other rows;
-    * ``kind`` — the training loop it plugs into: ``rl`` (GRPO family, rewards and advantages) or ``distill``
-      (on-policy distillation against a teacher).
+    * ``kind`` — the training loop it plugs into: ``rl`` (GRPO family, rewards and advantages), ``distill``
+      (on-policy distillation against a teacher) or ``preference`` (chosen/rejected pairs).
     """
 
     config: type
@@ -58,6 +59,7 @@ REGISTRY: dict[str, Entry] = {
     "d3s": Entry(D3SConfig, d3s_loss, d3s_select, d3s_sample_keep, lambda cfg, num_iterations: True),
     "fiberpo": Entry(FiberPOConfig, fiberpo_loss, step_stats=fiberpo_step_stats),
     "tip": Entry(TipConfig, tip_loss, needs_step_selection=tip_needs_step_selection, kind="distill"),
+    "token_dpo": Entry(TokenDPOConfig, token_dpo_batch_loss, kind="preference"),
 }
 
 
