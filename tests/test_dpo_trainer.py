@@ -138,3 +138,28 @@ def test_tdpo_and_config_errors(tmp_path):
     with pytest.raises(ValueError, match="ld_alpha is not supported"):
         TokenDPOTrainer(model=model, ref_model=ref, args=args, train_dataset=Dataset.from_list(ROWS),
                         processing_class=tok, objective=objectives.build("token_dpo"))
+
+
+def test_pipeline_tokenizes_completions_exactly_like_trl(tmp_path):
+    from trainer.preference import trl_completion_ids
+
+    trainer = make(DPOTrainer, tmp_path)
+    for i, row in enumerate(ROWS):
+        prompt_ids, rejected_ids = trl_completion_ids(trainer.processing_class, row["prompt"], row["rejected"])
+        assert prompt_ids == trainer.train_dataset[i]["prompt_ids"]
+        assert rejected_ids == trainer.train_dataset[i]["rejected_ids"]
+
+
+def test_cdpo_sets_group_answers_by_frequency():
+    from trainer.preference import build_sets
+    from trainer.tasks import TASKS
+
+    task = TASKS["arithmetic"][1](TASKS["arithmetic"][0]())
+    row = {"prompt": "47+38=", "answer": "85", "solution": "85"}
+    outs = ["85", "75", "75", "75", "84", "85", "7x", "75"]
+    pairs, positives, negatives = build_sets(task, [row], [outs])
+    assert pairs == [{"prompt": "47+38=", "chosen": "85", "rejected": "75"}]  # most frequent wrong answer
+    assert positives == [{"prompt": "47+38=", "solution": "85"}]
+    assert [n["solution"] for n in negatives] == ["75", "75", "75", "75"]  # 4 of 6 wrong answers cover ≥ half
+    none, _, _ = build_sets(task, [row], [["85"] * 8])  # no wrong answer: no pair
+    assert none == []

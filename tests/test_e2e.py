@@ -130,6 +130,51 @@ def test_distillation_experiments_run_end_to_end(tmp_path, experiment):
         assert any("objective/tip/fkl_kept" in m for m in metrics)
 
 
+PREF_SMALL = ["trainer.num_generations=1", "preference.prompts=48", "preference.samples_per_prompt=6",
+              "preference.ce_steps=10", "trainer.prompts_per_step=4"]
+
+
+@pytest.mark.parametrize("experiment", ["dpo", "tdpo2", "cdpo", "treg"])
+def test_preference_experiments_run_end_to_end(tmp_path, experiment):
+    run_dir, summary = run_small(tmp_path, "tracking.wandb=disabled", *PREF_SMALL, experiment=experiment)
+    assert summary["rl_steps"] == 3 and summary["accuracy_after"] is not None
+    info = summary["preference"]
+    assert info["pairs"] > 0 and info["prompts"] == 48 and not info["cached"]
+    pairs = [json.loads(line) for line in (Path(info["path"]) / "pairs.jsonl").read_text().splitlines()]
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    keys = {k for m in metrics for k in m}
+    assert "objective/token_dpo/rewards/margins" in keys and "objective/token_dpo/rewards_unweighted/margins" in keys
+    if experiment == "cdpo":
+        assert all(len(p["rejected_token_weights"]) == len(p["rejected"]) + 1 for p in pairs)  # + EOS (weight 1)
+        assert all(p["rejected_token_weights"][-1] == 1.0 for p in pairs)
+        assert 0 <= info["rejected_critical_frac"] <= 1
+        assert all(0 <= w <= 1 for p in pairs for w in p["rejected_token_weights"])
+        assert "objective/token_dpo/implicit_reward/high_weight" in keys
+    if experiment == "tdpo2":
+        assert "objective/token_dpo/kl/margin" in keys
+    if experiment == "treg":
+        assert all(-0.5 < r < 0.5 for p in pairs for r in p["chosen_token_rewards"] + p["rejected_token_rewards"])
+        assert "objective/token_dpo/treg/weight" in keys
+
+
+def test_preference_dataset_from_a_local_file_with_weight_columns(tmp_path):
+    """A user's preference file (prompt / chosen / rejected + weights) goes through the same trainer; a weight list
+    of the wrong length fails naming the row."""
+    from trainer.dpo import TokenWeightError
+
+    rows = [{"prompt": f"{a}+{a}=", "chosen": str(2 * a), "rejected": str(2 * a + 1), "weight": 1.0,
+             "rejected_token_weights": [0.5] * (len(str(2 * a + 1)) + 1)} for a in range(10, 30)]
+    data = tmp_path / "prefs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    _, summary = run_small(tmp_path, "tracking.wandb=disabled", *PREF_SMALL, f"preference.source={data}",
+                           "objective.preset=cdpo", experiment="dpo")
+    assert summary["preference"]["source"] == str(data) and summary["rl_steps"] == 3
+    rows[3]["rejected_token_weights"] = [0.5]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(TokenWeightError, match="row 3: column 'rejected_token_weights' has 1 values"):
+        run_small(tmp_path, "tracking.wandb=disabled", *PREF_SMALL, f"preference.source={data}", experiment="dpo")
+
+
 def test_local_model_dir_and_local_jsonl(tmp_path):
     """Real-use path: model.name_or_path=<dir> and task=file with a local JSONL go through the same code."""
     from trainer.modeling import build_model

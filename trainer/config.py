@@ -136,13 +136,11 @@ def _check_component(node: dict[str, Any], where: str, name: str, cls: type, pro
 def _cross_checks(cfg: DictConfig, objective: objectives.Objective | None, problems: list[str]) -> None:
     t = cfg.trainer
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if objective is not None and objective.entry.kind == "preference":
-        problems.append(f"objective.name: {objective.name!r} is a preference objective; its trainer (trainer/dpo.py, "
-                        "issue 7) has not landed yet. Use it from your own loop: objectives.build('token_dpo', ...)")
-        return
-    distill = objective is not None and objective.entry.kind == "distill"
-    if distill:
+    kind = None if objective is None else objective.entry.kind
+    if kind == "distill":
         _distill_checks(cfg, problems)
+    elif kind == "preference":
+        _preference_checks(cfg, objective, problems)
     elif t.num_generations < 2:
         problems.append(f"trainer.num_generations: GRPO needs at least 2 completions per prompt, got {t.num_generations}")
     rows = t.prompts_per_step * t.num_generations
@@ -192,6 +190,27 @@ def _distill_checks(cfg: DictConfig, problems: list[str]) -> None:
         problems.append("reward.name: distillation has no reward; leave reward.name=verifier")
     if cfg.distill.head not in ("tokensel", "trl"):
         problems.append(f"distill.head: must be tokensel or trl, got {cfg.distill.head!r}")
+
+
+def _preference_checks(cfg: DictConfig, objective, problems: list[str]) -> None:
+    """Token-level DPO on preference pairs (TRL's DPOTrainer): one row per pair, data from sampling or a file."""
+    p, t = cfg.preference, cfg.trainer
+    if t.num_generations != 1:
+        problems.append(f"trainer.num_generations: preference training takes one row per pair, got {t.num_generations} "
+                        "(use the dpo_cpu trainer group)")
+    if p.token_weights not in ("none", "cdpo"):
+        problems.append(f"preference.token_weights: must be none or cdpo, got {p.token_weights!r}")
+    if p.token_rewards not in ("none", "treg"):
+        problems.append(f"preference.token_rewards: must be none or treg, got {p.token_rewards!r}")
+    settings = objective.config.resolved()
+    if p.source == "sampled" and settings["treg_alpha"] > 0 and p.token_rewards != "treg":
+        problems.append("preference.token_rewards: T-REG (treg_alpha > 0) needs token rewards; set "
+                        "preference.token_rewards=treg")
+    if p.source == "sampled" and objective.config.preset.startswith("cdpo") and p.token_weights != "cdpo":
+        problems.append("preference.token_weights: the cdpo presets need critical-token weights; set "
+                        "preference.token_weights=cdpo")
+    if p.samples_per_prompt < 2 and p.source == "sampled":
+        problems.append("preference.samples_per_prompt: pairs need at least 2 samples per prompt")
 
 
 def selection_pass_enabled(cfg: DictConfig, objective: objectives.Objective) -> bool:

@@ -185,6 +185,10 @@ class TokenDPOTrainer(DPOTrainer):
         self._num_items = num_items_in_batch
         return self._compute_loss(model, inputs, return_outputs)
 
+    @property
+    def kernels_backend(self) -> str:
+        return kernels.active_backend(self.model.get_output_embeddings().weight)
+
 
 def _backbone(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """Last hidden states (the LM head is applied by the kernels)."""

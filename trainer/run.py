@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import random
@@ -19,9 +20,11 @@ from transformers.trainer_callback import ProgressCallback
 
 from .config import Resolved, selection_pass_enabled
 from .distill import TipDistillationTrainer
+from .dpo import TokenDPOTrainer
 from .evaluate import evaluate
 from .grpo_adapter import TokenSelectiveGRPOTrainer
 from .modeling import build_model, count_parameters
+from .preference import build_preference_rows, cached_preference_rows, load_preference_dataset, tokenizer_fingerprint
 from .rewards import MajorityVoteReward, task_reward
 from .tasks import TASKS
 from .teacher import build_teacher
@@ -110,6 +113,8 @@ def run(resolved: Resolved) -> dict[str, Any]:
     extra: dict[str, Any] = {}
     if resolved.objective.entry.kind == "distill":
         trainer, extra = distillation_trainer(resolved, model, tokenizer, train_rows, run_dir, callback, held_out)
+    elif resolved.objective.entry.kind == "preference":
+        trainer, extra = preference_trainer(resolved, model, tokenizer, task, train_rows, run_dir, callback)
     else:
         trainer = grpo_trainer(resolved, model, tokenizer, task, train_rows, run_dir, callback)
     periodic = PeriodicEval(held_out, cfg.eval.every, callback)
@@ -205,6 +210,41 @@ def distillation_trainer(resolved: Resolved, model, tokenizer, train_rows, run_d
     )
     return trainer, {"teacher": {**info, "parameters": count_parameters(teacher),
                                  "accuracy": accuracy.get(cfg.eval.metric) if accuracy else None}}
+
+
+def preference_trainer(resolved: Resolved, model, tokenizer, task, train_rows, run_dir: Path, callback):
+    """Pairs (sampled from the warm model, with cDPO weights / T-REG rewards on request, cached; or a dataset), the
+    frozen warm model as the reference, and the token-level DPO trainer."""
+    cfg = resolved.cfg
+    pcfg = OmegaConf.to_object(cfg.preference)
+    if pcfg.source == "sampled":
+        cache_dir = Path(cfg.warmup.cache_dir or Path(cfg.run.root) / ".cache" / "preference")
+        key = cache_key(OmegaConf.to_container(cfg.model, resolve=True), OmegaConf.to_container(cfg.task, resolve=True),
+                        OmegaConf.to_object(cfg.warmup), cfg.seed)
+        key = cache_key({"warm": key, "tokenizer": tokenizer_fingerprint(tokenizer), "max_new_tokens":
+                         cfg.trainer.max_completion_length}, {}, pcfg, cfg.seed)
+        pairs, info = cached_preference_rows(key, Path(cache_dir), lambda: build_preference_rows(
+            model, tokenizer, task, train_rows, pcfg, cfg.trainer.max_completion_length, cfg.eval.batch_size,
+            cfg.seed))
+    else:
+        pairs, info = load_preference_dataset(pcfg.source), {"source": pcfg.source}
+    if is_main_process():
+        origin = "cached" if info.get("cached") else info.get("source", "sampled")
+        accuracy = f", sample accuracy {info['sample_accuracy']:.2f}" if "sample_accuracy" in info else ""
+        print(f"[tokensel] preference pairs: {len(pairs)} ({origin}{accuracy})")
+    reference = copy.deepcopy(model).eval()
+    for param in reference.parameters():
+        param.requires_grad_(False)
+    trainer = TokenDPOTrainer(
+        model=model,
+        ref_model=reference,
+        args=dpo_args(cfg, resolved.objective, run_dir),
+        train_dataset=Dataset.from_list(pairs),
+        processing_class=tokenizer,
+        callbacks=[callback],
+        objective=resolved.objective,
+    )
+    return trainer, {"preference": info}
 
 
 class PeriodicEval(TrainerCallback):
@@ -305,6 +345,19 @@ def distill_args(cfg, run_dir: Path):
 
     # beta 1 = reverse KL (TIP's loss); dropout off so the scoring and loss passes see one distribution.
     return DistillationConfig(**common_args(cfg, run_dir), beta=1.0, disable_dropout=True)
+
+
+def dpo_args(cfg, objective, run_dir: Path):
+    from trl import DPOConfig
+
+    keep = ("output_dir", "max_steps", "learning_rate", "lr_scheduler_type", "warmup_steps", "weight_decay",
+            "max_grad_norm", "per_device_train_batch_size", "gradient_accumulation_steps", "logging_steps",
+            "save_strategy", "save_steps", "report_to", "seed", "use_cpu", "bf16", "disable_tqdm",
+            "dataloader_num_workers")
+    common = {k: v for k, v in common_args(cfg, run_dir).items() if k in keep}
+    # max_length: the longest prompt + completion the model handles; gradient checkpointing buys nothing here
+    return DPOConfig(**common, beta=float(objective.config.beta), loss_type=["sigmoid"], gradient_checkpointing=False,
+                     max_length=cfg.model.tiny.max_position_embeddings if not cfg.model.name_or_path else 1024)
 
 
 def world_size() -> int:

@@ -114,6 +114,26 @@ class DistillConfig:
 
 
 @dataclass
+class PreferenceConfig:
+    source: str = F("sampled", "sampled: pairs sampled from the warm model on the task (offline default) | a local "
+                    ".jsonl/.json/.parquet file or a hub id[:config] with prompt / chosen / rejected (+ weight columns)")
+    prompts: int = F(1024, "training prompts sampled for pairs")
+    samples_per_prompt: int = F(8, "completions per prompt (the cDPO authors draw 64)")
+    temperature: float = F(1.0, "sampling temperature of the pairs")
+    token_weights: str = F("none", "none | cdpo: critical-token weights 1 - s_t on rejected tokens from two LoRA CE "
+                           "models (positive / negative)")
+    cdpo_lambda: float = F(1.0, "λ of s_t = softmax((1+λ)z_pos − λz_neg)[y_t] (authors' code)")
+    ce_lora_r: int = F(8, "LoRA rank of the CE models (MLP projections; authors' code: 8)")
+    ce_steps: int = F(200, "supervised steps of each CE model")
+    ce_learning_rate: float = F(3e-3, "learning rate of the CE models (tiny model; the authors use 3e-4)")
+    ce_batch_size: int = F(32, "sequences per CE step")
+    token_rewards: str = F("none", "none | treg: T-REG token rewards from the reference model under the prompt "
+                           "rewritten to better / worse")
+    treg_better_prefix: str = F("12+34=46\n", "text put before the prompt for the 'better' rewrite (a solved example)")
+    treg_worse_prefix: str = F("12+34=36\n", "text put before the prompt for the 'worse' rewrite (a wrong example)")
+
+
+@dataclass
 class TrackingConfig:
     wandb: str = F("auto", "auto | online | offline | disabled: auto is online with an API key, else offline")
     project: str = F("tokensel", "W&B project")
@@ -141,6 +161,7 @@ class TokenselConfig:
     trainer: GRPOTrainerConfig = field(default_factory=GRPOTrainerConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
+    preference: PreferenceConfig = field(default_factory=PreferenceConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
