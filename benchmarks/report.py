@@ -101,6 +101,22 @@ def opd_tables(report: dict) -> str:
     return "\n".join(lines)
 
 
+def dpo_table(report: dict) -> str:
+    lines = ["| method | sampled before → after | greedy before → after | margin (unweighted) | margin (as trained) | "
+             "reward acc. | KL margin | critical rejected tokens | RL s |", "|---|---|---|---|---|---|---|---|---|"]
+    for s in report["summary"]:
+        f = s["final"]
+        crit = "–" if s["rejected_critical_frac"] is None else f"{100 * s['rejected_critical_frac']:.0f} %"
+        lines.append(f"| `{s['method']}` | {100 * s['accuracy_before']:.1f} → {100 * s['accuracy_after']:.1f} | "
+                     f"{100 * s['greedy_before']:.1f} → {100 * s['greedy_after']:.1f} | "
+                     f"{_f(f['rewards_unweighted/margins'], 3)} | {_f(f['rewards/margins'], 3)} | "
+                     f"{_f(f['rewards/accuracies'])} | {_f(f['kl/margin'], 3)} | {crit} | {s['rl_seconds']:.0f} |")
+    pairs = [s["pairs"] for s in report["summary"]]
+    lines.append(f"\nPairs per seed (mean): {sum(pairs) / len(pairs):.0f}. Margins and reward accuracy: the last "
+                 "logged step, mean over seeds.")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dir", default="benchmarks/results")
@@ -110,7 +126,8 @@ def main(argv: list[str] | None = None) -> int:
                          ("grpo_step_cpu.json", lambda r: grpo_step_table(r) + "\n\n" + targets_table(r)),
                          ("compare_grpo_family_cpu.json", grpo_family_table),
                          ("compare_gating_cpu.json", gating_table),
-                         ("compare_opd_cpu.json", opd_tables)):
+                         ("compare_opd_cpu.json", opd_tables),
+                         ("compare_dpo_cpu.json", dpo_table)):
         path = d / name
         if path.exists():
             print(f"<!-- {path} -->")

@@ -73,3 +73,14 @@ def test_compare_opd_quick(tmp_path):
     head = report["head"]
     assert {(r["impl"], r["keep"]) for r in head} >= {("tokensel", 0.2), ("trl", 1.0), ("naive", 0.5), ("scoring", 1.0)}
     assert all(r["median_ms"] > 0 and "peak_extra_mb" in r for r in head)
+
+
+def test_compare_dpo_quick(tmp_path):
+    from benchmarks.compare_dpo import main as dpo_main
+
+    assert dpo_main(["--quick", "--seeds", "0", "--methods", "dpo", "cdpo", "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "compare_dpo_cpu.json").read_text())
+    assert (tmp_path / "compare_dpo_cpu.png").stat().st_size > 0
+    dpo, cdpo = report["summary"]
+    assert dpo["pairs"] == cdpo["pairs"] > 0 and cdpo["rejected_critical_frac"] is not None
+    assert dpo["final"]["rewards_unweighted/margins"] is not None and [p["step"] for p in report["runs"][0]["curve"]] == [0, 1, 2]
