@@ -17,6 +17,7 @@ import objectives
 from objectives import TokenBatch
 from objectives.tip import tip_loss
 from trainer import step_selection
+from trainer.dpo import global_scale
 from trainer.tip_step import tip_step
 
 B, T, G = 16, 6, 4
@@ -173,12 +174,50 @@ def run_tip_case(acc, name, micro_batches, data):
             "kept_per_rank": torch.stack(kept_per_rank)}
 
 
+def dpo_tensors():
+    g = torch.Generator().manual_seed(7)
+    d = torch.float64
+    n, t = 8, 5
+    return {"theta": torch.randn(2 * n, t, generator=g, dtype=d), "ref": torch.randn(2 * n, t, generator=g, dtype=d),
+            "mask": torch.rand(2 * n, t, generator=g) < 0.8, "weights": torch.rand(2 * n, t, generator=g, dtype=d)}
+
+
+DPO_SPLITS = {1: [range(0, 8)], 2: [range(0, 5), range(5, 8)]}  # uneven pair counts per rank
+
+
+def run_dpo_case(acc, micro_batches, data):
+    """The trainer's global pair scale (``trainer.dpo.global_scale``) with uneven pairs per rank and micro-batch."""
+    objective = objectives.build("token_dpo", preset="cdpo")
+    world, rank = acc.num_processes, acc.process_index
+    pairs = list(DPO_SPLITS[world][rank])
+    theta = data["theta"].clone().requires_grad_()
+    n_global = 8.0
+    total = torch.zeros((), dtype=torch.float64)
+    for chunk in [pairs[i::micro_batches] for i in range(micro_batches)]:
+        if not chunk:
+            continue
+        rows = torch.tensor(chunk + [c + 8 for c in chunk])  # [chosen; rejected]
+        out = objective(TokenBatch(logp=theta[rows], mask=data["mask"][rows], ref_logp=data["ref"][rows]),
+                        token_weights=data["weights"][rows])
+        loss = out.loss * global_scale(len(chunk), world, n_global)
+        loss.backward()
+        total = total + loss.detach()
+    grads = theta.grad.clone()
+    if world > 1:
+        dist.all_reduce(total)
+        dist.all_reduce(grads)
+        total, grads = total / world, grads / world
+    return {"loss": total, "grads": grads}
+
+
 def main(path: str) -> None:
     acc = Accelerator(cpu=True)
     data = step_tensors()
     results = {f"{name}/mb{mb}": run_case(acc, name, mb, data) for name in CASES for mb in (1, 8)}
     tip_data = tip_tensors()
     results |= {f"{name}/mb{mb}": run_tip_case(acc, name, mb, tip_data) for name in TIP_CASES for mb in (1, 4)}
+    dpo_data = dpo_tensors()
+    results |= {f"token_dpo/mb{mb}": run_dpo_case(acc, mb, dpo_data) for mb in (1, 3)}
     if acc.process_index == 0:
         torch.save(results, path)
     acc.wait_for_everyone()

@@ -16,7 +16,16 @@ import torch
 import objectives
 from objectives import TokenBatch
 from objectives.tip import row_generators, tip_loss, tip_scores, tip_select
-from tests.dist_step_worker import CASES, PROGRESS, TIP_CASES, TIP_STEP, UPPER_GATES_ACTIVE, step_tensors, tip_tensors
+from tests.dist_step_worker import (
+    CASES,
+    PROGRESS,
+    TIP_CASES,
+    TIP_STEP,
+    UPPER_GATES_ACTIVE,
+    dpo_tensors,
+    step_tensors,
+    tip_tensors,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -112,3 +121,17 @@ def test_tip_global_normalisation_does_not_depend_on_ranks_or_micro_batches(resu
     if TIP_CASES[name].get("budget_scope", "per_sequence") == "per_sequence":
         # rank 1 holds the one-token rollouts: it kept nothing and still ran every collective in lock-step
         assert results[2][f"{name}/mb1"]["kept_per_rank"].tolist()[1] == 0.0
+
+
+def test_token_dpo_pair_denominator_does_not_depend_on_ranks_or_micro_batches(results):
+    """Uneven pairs per rank (5 + 3) and per micro-batch: the trainer's global scale gives the whole step's loss."""
+    d = dpo_tensors()
+    theta = d["theta"].clone().requires_grad_()
+    out = objectives.build("token_dpo", preset="cdpo")(TokenBatch(logp=theta, mask=d["mask"], ref_logp=d["ref"]),
+                                                        token_weights=d["weights"])
+    grads = torch.autograd.grad(out.loss, theta)[0]
+    for world in (1, 2):
+        for mb in (1, 3):
+            r = results[world][f"token_dpo/mb{mb}"]
+            assert abs(float(r["loss"]) - out.loss.item()) < 1e-12, (world, mb)
+            torch.testing.assert_close(r["grads"], grads, rtol=0, atol=1e-12)

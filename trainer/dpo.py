@@ -179,7 +179,7 @@ class TokenDPOTrainer(DPOTrainer):
             local = float(_union_positions(inputs["completion_mask"]).sum().clamp(min=1))
         else:
             local = float(mask.shape[0] // 2)
-        return local * self.accelerator.num_processes / max(1.0, float(n_global))
+        return global_scale(local, self.accelerator.num_processes, float(n_global))
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         self._num_items = num_items_in_batch
@@ -188,6 +188,12 @@ class TokenDPOTrainer(DPOTrainer):
     @property
     def kernels_backend(self) -> str:
         return kernels.active_backend(self.model.get_output_embeddings().weight)
+
+
+def global_scale(local: float, world: int, n_global: float) -> float:
+    """Turns the objective's local mean (over ``local`` pairs or positions) into this micro-batch's share of the
+    step loss under DDP's gradient average over ``world`` ranks: ``local · W / N``."""
+    return local * world / max(1.0, n_global)
 
 
 def _backbone(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
