@@ -77,15 +77,17 @@ def plot(runs: list[dict], path: Path) -> None:
     axes[0].set_ylabel("held-out sampled Pass@1 (%)")
     axes[0].set_title(f"tiny model, mean of {len({r['seed'] for r in runs})} seeds")
     axes[0].legend(fontsize=8)
-    for method in METHODS:
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for colour, method in zip(colours, METHODS, strict=False):  # the same colour per method in both panels
         rs = [r for r in runs if r["method"] == method and r["margins"]]
         if rs:
             n = min(len(r["margins"]) for r in rs)
             steps = [rs[0]["margins"][i]["step"] for i in range(n)]
             for key, style in (("unweighted", "-"), ("weighted", ":")):
+                if key == "weighted" and method != "cdpo":
+                    continue  # identical to the unweighted margin without token weights
                 vals = [statistics.fmean(r["margins"][i][key] for r in rs) for i in range(n)]
-                axes[1].plot(steps, vals, style, label=f"{method} ({key})" if key == "unweighted" or method == "cdpo"
-                             else None)
+                axes[1].plot(steps, vals, style, color=colour, label=f"{method} ({key})")
     axes[1].set_xlabel("DPO step")
     axes[1].set_ylabel("implicit reward margin β·(Λ_w − Λ_l)")
     axes[1].set_title("reward margins (solid: unweighted; dotted: as trained)")
