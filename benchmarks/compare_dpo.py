@@ -72,11 +72,7 @@ def plot(runs: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
-    plot_mean_curves(axes[0], runs, METHODS)
-    axes[0].set_xlabel("DPO step")
-    axes[0].set_ylabel("held-out sampled Pass@1 (%)")
-    axes[0].set_title(f"tiny model, mean of {len({r['seed'] for r in runs})} seeds")
-    axes[0].legend(fontsize=8)
+    plot_mean_curves(axes[0], runs, METHODS, "DPO step", "tiny model")
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for colour, method in zip(colours, METHODS, strict=False):  # the same colour per method in both panels
         rs = [r for r in runs if r["method"] == method and r["margins"]]

@@ -75,11 +75,7 @@ def plot(runs: list[dict], summary: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    plot_mean_curves(axes[0], runs, METHODS)
-    axes[0].set_xlabel("RL step")
-    axes[0].set_ylabel("held-out sampled Pass@1 (%)")
-    axes[0].set_title(f"off-policy (4 steps per batch), mean of {len({r['seed'] for r in runs})} seeds")
-    axes[0].legend(fontsize=8)
+    plot_mean_curves(axes[0], runs, METHODS, "RL step", "off-policy (4 steps per batch)")
     fiber = [s for s in summary if s["method"].startswith("fiberpo")]
     bottom = [0.0] * len(fiber)
     for regime in REGIMES:

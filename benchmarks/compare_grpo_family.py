@@ -85,12 +85,7 @@ def plot(runs: list[dict], summary: list[dict], path: Path) -> None:
 
     fig, axes = plt.subplots(1, 3, figsize=(14, 4))
     for ax, methods, title in ((axes[0], LABELLED, "labelled reward"), (axes[1], LABEL_FREE, "label-free (TTRL)")):
-        plot_mean_curves(ax, runs, methods)
-        ax.set_xlabel("RL step")
-        ax.set_ylabel("held-out sampled Pass@1 (%)")
-        ax.set_title(f"{title}, mean of {len({r['seed'] for r in runs})} seeds")
-        if ax.get_lines():
-            ax.legend(fontsize=8)
+        plot_mean_curves(ax, runs, methods, "RL step", title)
     names = [s["method"] for s in summary]
     x = range(len(names))
     axes[2].bar([i - 0.2 for i in x], [100 * (s["trained_fraction"] or 0) for s in summary], 0.4,

@@ -82,14 +82,11 @@ def plot(runs: list[dict], summary: list[dict], head: list[dict], path: Path) ->
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.2))
-    plot_mean_curves(axes[0], runs, METHODS)
+    plot_mean_curves(axes[0], runs, METHODS, "distillation step", "tiny pair (student)")
     teacher = [s["teacher_accuracy"] for s in summary if s["teacher_accuracy"] is not None]
     if teacher:
         axes[0].axhline(100 * statistics.fmean(teacher), color="gray", ls="--", label="teacher")
-    axes[0].set_xlabel("distillation step")
-    axes[0].set_ylabel("student held-out sampled Pass@1 (%)")
-    axes[0].set_title(f"tiny pair, mean of {len({r['seed'] for r in runs})} seeds")
-    axes[0].legend(fontsize=7)
+        axes[0].legend(fontsize=7)
     impls = list(dict.fromkeys(r["impl"] for r in head if r["impl"] != "scoring"))
     keeps = sorted({r["keep"] for r in head}, reverse=True)
     width = 0.8 / len(impls)

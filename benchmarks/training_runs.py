@@ -46,8 +46,9 @@ def mean_of(rows: list[dict], key: str) -> float | None:
     return sum(vals) / len(vals) if vals else None
 
 
-def plot_mean_curves(ax, runs: list[dict], methods) -> None:
-    """Held-out sampled accuracy against steps, the mean over seeds, one line per method (in ``methods`` order)."""
+def plot_mean_curves(ax, runs: list[dict], methods, xlabel: str, title: str) -> None:
+    """Held-out sampled accuracy against steps, the mean over seeds, one line per method (in ``methods`` order);
+    ``title`` gets ", mean of N seeds"."""
     import statistics
 
     for method in methods:
@@ -56,6 +57,11 @@ def plot_mean_curves(ax, runs: list[dict], methods) -> None:
             steps = [p["step"] for p in rs[0]["curve"]]
             acc = [statistics.fmean(r["curve"][i]["sampled"] for r in rs) for i in range(len(steps))]
             ax.plot(steps, [100 * a for a in acc], marker="o", label=method)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("held-out sampled Pass@1 (%)")
+    ax.set_title(f"{title}, mean of {len({r['seed'] for r in runs})} seeds")
+    if ax.get_lines():
+        ax.legend(fontsize=8)
 
 
 def run_arguments(doc: str, methods: list[str]) -> argparse.ArgumentParser:
