@@ -139,7 +139,7 @@ def test_preference_experiments_run_end_to_end(tmp_path, experiment):
     run_dir, summary = run_small(tmp_path, "tracking.wandb=disabled", *PREF_SMALL, experiment=experiment)
     assert summary["rl_steps"] == 3 and summary["accuracy_after"] is not None
     info = summary["preference"]
-    assert info["pairs"] > 0 and info["prompts"] == 48 and not info["cached"]
+    assert info["pairs"] > 0 and info["prompts"] == 48 and not info["cached"] and len(info["tokenizer"]) == 16
     pairs = [json.loads(line) for line in (Path(info["path"]) / "pairs.jsonl").read_text().splitlines()]
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     keys = {k for m in metrics for k in m}

@@ -165,7 +165,9 @@ def build_preference_rows(model, tokenizer, task: Task, train_rows: list[Row], p
     pairs, positives, negatives = build_sets(task, rows, completions)
     graded = [task.score(c, r) for r, outs in zip(rows, completions, strict=True) for c in outs]
     info: dict[str, Any] = {"prompts": len(rows), "samples": len(graded), "sample_accuracy": sum(graded) / len(graded),
-                            "pairs": len(pairs), "positive_sft": len(positives), "negative_sft": len(negatives)}
+                            "pairs": len(pairs), "positive_sft": len(positives), "negative_sft": len(negatives),
+                            "tokenizer": tokenizer_fingerprint(tokenizer), "token_weights": pcfg.token_weights,
+                            "cdpo_lambda": pcfg.cdpo_lambda, "token_rewards": pcfg.token_rewards}
     if not pairs:
         raise ValueError(f"no preference pair: none of the {len(rows)} prompts has both a correct and an incorrect "
                          f"sample (sample accuracy {info['sample_accuracy']:.2f}); raise preference.samples_per_prompt "

@@ -226,6 +226,8 @@ def preference_trainer(resolved: Resolved, model, tokenizer, task, train_rows, r
         pairs, info = cached_preference_rows(key, Path(cache_dir), lambda: build_preference_rows(
             model, tokenizer, task, train_rows, pcfg, cfg.trainer.max_completion_length, cfg.eval.batch_size,
             cfg.seed))
+        if info["tokenizer"] != tokenizer_fingerprint(tokenizer):  # token weights index this tokenizer's tokens
+            raise ValueError(f"cached preference data {info['path']} was scored with another tokenizer; delete it")
     else:
         pairs, info = load_preference_dataset(pcfg.source), {"source": pcfg.source}
     if is_main_process():
