@@ -67,8 +67,9 @@ def build_sets(task: Task, rows: list[Row], completions: list[list[str]]):
     """(pairs, positive SFT rows, negative SFT rows) by answer frequency (the cDPO authors' grouping)."""
     pairs, positives, negatives = [], [], []
     for row, outs in zip(rows, completions, strict=True):
-        correct = [c for c in outs if task.score(c, row) > 0]
-        wrong = [c for c in outs if task.score(c, row) <= 0]
+        good = [task.score(c, row) > 0 for c in outs]
+        correct = [c for c, ok in zip(outs, good, strict=True) if ok]
+        wrong = [c for c, ok in zip(outs, good, strict=True) if not ok]
         if correct:
             positives.append({"prompt": row["prompt"], "solution": correct[0]})
         if not wrong:
