@@ -158,6 +158,8 @@ def _cross_checks(cfg: DictConfig, objective: objectives.Objective | None, probl
         problems.append(f"eval.metric: must be sampled or greedy, got {cfg.eval.metric!r}")
     if cfg.eval.metric == "sampled" and cfg.eval.samples < 1:
         problems.append("eval.samples: the sampled metric needs eval.samples >= 1 (or set eval.metric=greedy)")
+    if cfg.resume not in ("never", "auto"):
+        problems.append(f"resume: must be never or auto, got {cfg.resume!r}")
     if cfg.tracking.wandb not in ("auto", "online", "offline", "disabled"):
         problems.append(f"tracking.wandb: must be auto, online, offline or disabled, got {cfg.tracking.wandb!r}")
     if cfg.model.name_or_path is None and cfg.model.tiny.architecture not in ("qwen2", "llama"):

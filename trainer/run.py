@@ -18,6 +18,7 @@ from omegaconf import OmegaConf
 from transformers import TrainerCallback
 from transformers.trainer_callback import ProgressCallback
 
+from .checkpoints import MarkComplete, checkpoint_step, last_complete, truncate_metrics
 from .config import Resolved, selection_pass_enabled
 from .distill import TipDistillationTrainer
 from .dpo import TokenDPOTrainer
@@ -107,8 +108,13 @@ def run(resolved: Resolved) -> dict[str, Any]:
         wandb_run = init_wandb(run_dir, cfg.tracking.wandb, cfg.tracking.project, cfg.tracking.entity,
                                run_dir.name, resolved_cfg)
     metrics_path = run_dir / "metrics.jsonl"
+    resume_from = last_complete(run_dir / "checkpoints") if cfg.resume == "auto" else None
     if main:
-        metrics_path.unlink(missing_ok=True)
+        if resume_from is None:
+            metrics_path.unlink(missing_ok=True)
+        else:
+            truncate_metrics(metrics_path, checkpoint_step(resume_from))
+            say(f"[tokensel] resuming from {resume_from}")
     callback = MetricsCallback(metrics_path, wandb_run, resolved.objective.name)
     extra: dict[str, Any] = {}
     if resolved.objective.entry.kind == "distill":
@@ -122,8 +128,10 @@ def run(resolved: Resolved) -> dict[str, Any]:
         trainer.add_callback(periodic)
     if trainer.pop_callback(ProgressCallback) is not None:  # None when tqdm is disabled (non-zero ranks)
         trainer.add_callback(CompactProgress(resolved.objective.name))
+    if cfg.trainer.save_steps:
+        trainer.add_callback(MarkComplete())
     rl_start = time.perf_counter()
-    trainer.train()
+    trainer.train(resume_from_checkpoint=None if resume_from is None else str(resume_from))
     rl_seconds = time.perf_counter() - rl_start - periodic.seconds
     final_dir = run_dir / "final"
     trainer.save_model(str(final_dir))
@@ -153,6 +161,7 @@ def run(resolved: Resolved) -> dict[str, Any]:
         "wall_seconds": round(time.perf_counter() - start, 1),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),  # whole process (Linux)
         "warmup": warmup_info,
+        "resumed_from": None if resume_from is None else str(resume_from),
         **extra,
         "run_dir": str(run_dir),
         "checkpoint": str(final_dir),

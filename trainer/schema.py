@@ -153,6 +153,8 @@ class TokenselConfig:
     experiment: str = F("", "experiment name (set by the experiment file)")
     description: str = F("", "one line on what the experiment shows")
     seed: int = F(0, "seed of model init, data, warm-up and sampling")
+    resume: str = F("never", "never | auto: continue from the last complete checkpoint in the run directory (needs "
+                    "trainer.save_steps > 0); the run's W&B id and metrics.jsonl continue too")
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     task: Any = F({"name": "arithmetic"}, "task node, validated against the task's own dataclass")
