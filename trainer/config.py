@@ -158,6 +158,12 @@ def _cross_checks(cfg: DictConfig, objective: objectives.Objective | None, probl
         problems.append(f"eval.metric: must be sampled or greedy, got {cfg.eval.metric!r}")
     if cfg.eval.metric == "sampled" and cfg.eval.samples < 1:
         problems.append("eval.samples: the sampled metric needs eval.samples >= 1 (or set eval.metric=greedy)")
+    if cfg.peft.enabled and "lm_head" in cfg.peft.target_modules:
+        problems.append("peft.target_modules: lm_head cannot take an adapter (the kernels and TRL's distillation loss "
+                        "read lm_head.weight directly, so the adapter would never train)")
+    if cfg.peft.enabled and objective is not None and objective.entry.kind == "preference":
+        problems.append("peft.enabled: token-level DPO needs an explicit reference model; LoRA with the "
+                        "adapter-disabled reference is not supported yet")
     if cfg.resume not in ("never", "auto"):
         problems.append(f"resume: must be never or auto, got {cfg.resume!r}")
     if cfg.tracking.wandb not in ("auto", "online", "offline", "disabled"):

@@ -179,9 +179,20 @@ def run(resolved: Resolved) -> dict[str, Any]:
     return summary
 
 
+def peft_config(cfg):
+    """A ``peft.LoraConfig`` from ``peft.*``, or None (full fine-tuning)."""
+    if not cfg.peft.enabled:
+        return None
+    from peft import LoraConfig
+
+    p = cfg.peft
+    return LoraConfig(r=p.r, lora_alpha=p.alpha, lora_dropout=p.dropout, target_modules=list(p.target_modules),
+                      task_type="CAUSAL_LM")
+
+
 def grpo_trainer(resolved: Resolved, model, tokenizer, task, train_rows, run_dir: Path, callback):
     cfg = resolved.cfg
-    if resolved.objective.config.ref_coef > 0:
+    if resolved.objective.config.ref_coef > 0 or cfg.peft.enabled:
         reference_path(model, tokenizer, run_dir)
     return TokenSelectiveGRPOTrainer(
         model=model,
@@ -193,12 +204,15 @@ def grpo_trainer(resolved: Resolved, model, tokenizer, task, train_rows, run_dir
         objective=resolved.objective,
         selection_pass=selection_pass_enabled(cfg, resolved.objective),
         domains=[task.domain_of(r) for r in train_rows],
+        peft_config=peft_config(cfg),
     )
 
 
 def distillation_trainer(resolved: Resolved, model, tokenizer, train_rows, run_dir: Path, callback, held_out):
     """The teacher (built and cached, or loaded), its held-out accuracy, and the TIP distillation trainer."""
     cfg = resolved.cfg
+    if cfg.peft.enabled:
+        reference_path(model, tokenizer, run_dir)
     teacher_cfg = OmegaConf.to_object(cfg.distill.teacher)
     cache_dir = Path(cfg.warmup.cache_dir or Path(cfg.run.root) / ".cache" / "warmup")
     teacher, info = build_teacher(teacher_cfg, OmegaConf.to_object(cfg.model), tokenizer, model, train_rows,
@@ -216,6 +230,7 @@ def distillation_trainer(resolved: Resolved, model, tokenizer, train_rows, run_d
         callbacks=[callback],
         objective=resolved.objective,
         head=cfg.distill.head,
+        peft_config=peft_config(cfg),
     )
     return trainer, {"teacher": {**info, "parameters": count_parameters(teacher),
                                  "accuracy": accuracy.get(cfg.eval.metric) if accuracy else None}}
@@ -278,8 +293,9 @@ class PeriodicEval(TrainerCallback):
 
 
 def reference_path(model, tokenizer, run_dir: Path) -> None:
-    """TRL builds the reference model of a KL term from ``model.config._name_or_path``; a locally built (and
-    warmed-up) model has no such path, so the pre-adaptation weights are written to ``<run>/reference`` first."""
+    """The pre-adaptation weights need a path: TRL builds a KL term's reference model from
+    ``model.config._name_or_path``, and a LoRA adapter records it as its base (``trainer.export`` reloads it). A
+    locally built (and warmed-up) model has none, so its weights are written to ``<run>/reference`` first."""
     current = model.config._name_or_path
     if current and Path(current).is_dir() or current and not Path(current).exists() and "/" in current:
         return  # a local directory or a hub id: TRL loads it itself
@@ -287,6 +303,7 @@ def reference_path(model, tokenizer, run_dir: Path) -> None:
     model.save_pretrained(target)
     tokenizer.save_pretrained(target)
     model.config._name_or_path = str(target)
+    model.name_or_path = str(target)  # what PEFT records as an adapter's base_model_name_or_path
 
 
 def reward_function(cfg, task):

@@ -134,6 +134,16 @@ class PreferenceConfig:
 
 
 @dataclass
+class PeftSettings:
+    enabled: bool = F(False, "train a LoRA adapter instead of every weight (the base stays frozen)")
+    r: int = F(16, "LoRA rank")
+    alpha: int = F(32, "LoRA alpha (scale alpha / r)")
+    dropout: float = F(0.0, "LoRA dropout (0: the selection pass and the loss pass see one distribution)")
+    target_modules: list[str] = F(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+                                  "modules that get an adapter (never lm_head: the kernels read its weight)")
+
+
+@dataclass
 class TrackingConfig:
     wandb: str = F("auto", "auto | online | offline | disabled: auto is online with an API key, else offline")
     project: str = F("tokensel", "W&B project")
@@ -164,6 +174,7 @@ class TokenselConfig:
     reward: RewardConfig = field(default_factory=RewardConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     preference: PreferenceConfig = field(default_factory=PreferenceConfig)
+    peft: PeftSettings = field(default_factory=PeftSettings)
     eval: EvalConfig = field(default_factory=EvalConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
