@@ -104,6 +104,10 @@ def test_impossible_combinations():
     assert p.startswith("trainer.prompts_per_step") and "gradient_accumulation_steps" in p
     (p,) = problems("objective.scope=global_batch", "trainer.selection_pass=never")
     assert p.startswith("trainer.selection_pass")
+    with pytest.raises(ConfigError, match="trainer.sampler: hashed is implemented for the RL"):
+        compose(["+experiment=dpo", "trainer.sampler=hashed"])
+    (p,) = problems("trainer.save_total_limit=1")
+    assert p.startswith("trainer.save_total_limit") and "none complete" in p
 
 
 def test_unknown_experiment_and_group_option():

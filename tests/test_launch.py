@@ -1,5 +1,6 @@
 """The launch commands of ``docs/launch.md`` marked *tested*, run verbatim (a free port and small-run overrides
-appended): one node with two processes, and two "nodes" on loopback; both finish and share one run directory."""
+appended): one node with two processes, two "nodes" on loopback, and the DeepSpeed launcher (which appends
+``--local_rank``, which Hydra would reject); every rank finishes and all share one run directory."""
 
 import json
 import os
@@ -48,7 +49,7 @@ def launch(line: str, root: Path, port: str) -> subprocess.Popen:
                             stderr=subprocess.STDOUT, text=True)
 
 
-@pytest.mark.parametrize("name", ["one-node", "two-node-loopback"])
+@pytest.mark.parametrize("name", ["one-node", "two-node-loopback", "deepspeed-launcher"])
 def test_documented_launch_commands_run(tmp_path, name):
     port = free_port()
     procs = [launch(line, tmp_path, port) for line in documented_block(name)]

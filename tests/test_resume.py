@@ -29,13 +29,19 @@ def env() -> dict:
     return {**os.environ, "PYTHONPATH": str(ROOT), "TQDM_DISABLE": "1", "WANDB_API_KEY": "", "OMP_NUM_THREADS": "2"}
 
 
+def run(cmd: list[str]) -> None:
+    """Run to completion; a failure shows the run's own stderr, not only its exit status."""
+    out = subprocess.run(cmd, env=env(), cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, f"{' '.join(cmd)} failed ({out.returncode}):\n{out.stderr[-6000:]}"
+
+
 def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
     return load_file(run_dir / "final" / "model.safetensors")
 
 
 @pytest.mark.e2e
 def test_killed_run_resumes_bit_identical(tmp_path):
-    subprocess.run(command(tmp_path, "straight"), check=True, env=env(), cwd=ROOT, capture_output=True, timeout=900)
+    run(command(tmp_path, "straight"))
 
     proc = subprocess.Popen(command(tmp_path, "killed"), env=env(), cwd=ROOT, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
@@ -48,7 +54,7 @@ def test_killed_run_resumes_bit_identical(tmp_path):
     assert not (tmp_path / "killed" / "final").exists()
     run_id = (tmp_path / "killed" / "wandb_run_id").read_text()
 
-    subprocess.run(command(tmp_path, "killed"), check=True, env=env(), cwd=ROOT, capture_output=True, timeout=900)
+    run(command(tmp_path, "killed"))
     summary = json.loads((tmp_path / "killed" / "summary.json").read_text())
     assert summary["resumed_from"] is not None and summary["rl_steps"] == 16
     assert summary["wandb"]["id"] == run_id  # the same W&B run continues
@@ -70,6 +76,6 @@ def test_incomplete_checkpoints_are_skipped_and_metrics_truncated(tmp_path):
     assert last_complete(tmp_path) == tmp_path / "checkpoint-4"
     assert last_complete(tmp_path / "missing") is None
     metrics = tmp_path / "metrics.jsonl"
-    metrics.write_text("".join(json.dumps({"step": s}) + "\n" for s in (1, 2, 3, 4, 5, 6)))
+    metrics.write_text("".join(json.dumps({"step": s}) + "\n" for s in (1, 2, 3, 4, 5, 6)) + '{"step": 7, "lo')
     truncate_metrics(metrics, 4)
     assert [json.loads(line)["step"] for line in metrics.read_text().splitlines()] == [1, 2, 3, 4]

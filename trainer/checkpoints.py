@@ -48,10 +48,17 @@ def checkpoint_step(path: Path) -> int:
 
 
 def truncate_metrics(path: Path, step: int) -> None:
-    """Drop the logged rows after ``step`` (the resumed run logs them again), atomically."""
+    """Drop the logged rows after ``step`` (the resumed run logs them again) and any torn line, atomically."""
     if not path.exists():
         return
-    kept = [line for line in path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= step]
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line torn by the kill
+        if row.get("step", 0) <= step:
+            kept.append(line)
     tmp = path.with_suffix(".tmp")
     tmp.write_text("".join(line + "\n" for line in kept))
     tmp.replace(path)

@@ -166,6 +166,13 @@ def _cross_checks(cfg: DictConfig, objective: objectives.Objective | None, probl
                         "adapter-disabled reference is not supported yet")
     if cfg.resume not in ("never", "auto"):
         problems.append(f"resume: must be never or auto, got {cfg.resume!r}")
+    if cfg.trainer.sampler not in ("torch", "hashed"):
+        problems.append(f"trainer.sampler: must be torch or hashed, got {cfg.trainer.sampler!r}")
+    elif cfg.trainer.sampler == "hashed" and kind in ("distill", "preference"):
+        problems.append(f"trainer.sampler: hashed is implemented for the RL (GRPO) trainer, not for {kind} objectives")
+    if cfg.trainer.save_total_limit is not None and cfg.trainer.save_total_limit < 2:
+        problems.append(f"trainer.save_total_limit: must be >= 2 or null, got {cfg.trainer.save_total_limit} (with one "
+                        "checkpoint kept, a kill while the next is written leaves none complete)")
     if cfg.tracking.wandb not in ("auto", "online", "offline", "disabled"):
         problems.append(f"tracking.wandb: must be auto, online, offline or disabled, got {cfg.tracking.wandb!r}")
     if cfg.model.name_or_path is None and cfg.model.tiny.architecture not in ("qwen2", "llama"):

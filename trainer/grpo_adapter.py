@@ -38,6 +38,7 @@ import kernels
 from objectives import Objective, TokenBatch
 
 from . import step_selection
+from .sampling import HashedGumbelSampler, install_hashed_sampler
 from .stats_head import add_token_stats_head, log_backward_rows
 
 
@@ -49,7 +50,7 @@ class TokenSelectiveGRPOTrainer(GRPOTrainer):
     """``GRPOTrainer`` + a tokensel objective (see the module docstring for the contract with TRL)."""
 
     def __init__(self, *args, objective: Objective, selection_pass: bool = False,
-                 domains: list[str] | None = None, **kwargs) -> None:
+                 domains: list[str] | None = None, sampler: str = "torch", **kwargs) -> None:
         self.objective = objective
         self.selection_pass = selection_pass
         self.domain_index = {name: i for i, name in enumerate(sorted(set(domains or [])))}
@@ -59,12 +60,21 @@ class TokenSelectiveGRPOTrainer(GRPOTrainer):
             raise ValueError("tokensel needs steps_per_generation == gradient_accumulation_steps (one step per rollout)")
         base = self.model.get_base_model() if is_peft_model(self.model) else self.model
         self.kernel_stats = not self.is_deepspeed_enabled and add_token_stats_head(base, self.temperature)
+        self.hashed_sampler = None
+        if sampler == "hashed":
+            if self.use_vllm:
+                raise ValueError("trainer.sampler=hashed samples inside transformers' generate; it cannot drive vLLM")
+            self.hashed_sampler = HashedGumbelSampler(self.args.seed)
+            install_hashed_sampler(base, self.hashed_sampler)
         self._valid_rows = 0
 
     # ---- rollout: add step-level state -------------------------------------------------------------------------
     def _generate_and_score_completions(self, inputs):
-        out = super()._generate_and_score_completions(inputs)
         acc = self.accelerator
+        if self.hashed_sampler is not None:  # rows are identified by their place in the gathered batch
+            first = acc.process_index * len(inputs)
+            self.hashed_sampler.begin(self.state.global_step, torch.arange(first, first + len(inputs)))
+        out = super()._generate_and_score_completions(inputs)
         local_rows = out["completion_mask"].shape[0]
         first = acc.process_index * local_rows
         out["rollout_ids"] = torch.arange(first, first + local_rows, device=out["completion_mask"].device)

@@ -204,6 +204,7 @@ def grpo_trainer(resolved: Resolved, model, tokenizer, task, train_rows, run_dir
         objective=resolved.objective,
         selection_pass=selection_pass_enabled(cfg, resolved.objective),
         domains=[task.domain_of(r) for r in train_rows],
+        sampler=cfg.trainer.sampler,
         peft_config=peft_config(cfg),
     )
 
@@ -358,6 +359,7 @@ def common_args(cfg, run_dir: Path) -> dict[str, Any]:
         logging_steps=t.logging_steps,
         save_strategy="steps" if t.save_steps else "no",
         save_steps=t.save_steps or 500,
+        save_total_limit=t.save_total_limit,
         report_to=[],
         seed=cfg.seed,
         use_cpu=cfg.run.device == "cpu" or not torch.cuda.is_available(),
@@ -380,7 +382,7 @@ def dpo_args(cfg, objective, run_dir: Path):
 
     keep = ("output_dir", "max_steps", "learning_rate", "lr_scheduler_type", "warmup_steps", "weight_decay",
             "max_grad_norm", "per_device_train_batch_size", "gradient_accumulation_steps", "logging_steps",
-            "save_strategy", "save_steps", "report_to", "seed", "use_cpu", "bf16", "disable_tqdm",
+            "save_strategy", "save_steps", "save_total_limit", "report_to", "seed", "use_cpu", "bf16", "disable_tqdm",
             "dataloader_num_workers")
     common = {k: v for k, v in common_args(cfg, run_dir).items() if k in keep}
     # max_length: the longest prompt + completion the model handles; gradient checkpointing buys nothing here

@@ -63,9 +63,13 @@ class GRPOTrainerConfig:
     max_completion_length: int = F(16, "T_max: longest completion generated")
     temperature: float = F(1.0, "sampling temperature of rollouts (entropies use the same temperature)")
     top_p: float = F(1.0, "nucleus sampling of rollouts")
+    sampler: str = F("torch", "torch | hashed: hashed draws each rollout's Gumbel noise from (seed, step, rollout id, "
+                     "position), so one process and N ranks sample the same completions (GRPO, transformers generate)")
     num_iterations: int = F(1, "PPO epochs per generation batch (TRL's mu)")
     logging_steps: int = F(5, "log every N optimizer steps")
     save_steps: int = F(0, "checkpoint every N steps; 0 = only at the end")
+    save_total_limit: int | None = F(2, "checkpoints kept on disk (the newest); at least 2, so that a kill while the "
+                                     "newest is written still leaves a complete one; null keeps all")
     selection_pass: str = F(
         "auto",
         "auto | always | never: compute the step's token selection from a no-grad statistics pass at rollout "
@@ -144,6 +148,13 @@ class PeftSettings:
 
 
 @dataclass
+class DeepSpeedSettings:
+    enabled: bool = F(False, "run the trainer under DeepSpeed (launch with torchrun, deepspeed or accelerate)")
+    config_file: str | None = F(None, "a DeepSpeed JSON file, used instead of `config`")
+    config: dict[str, Any] = F({}, "the DeepSpeed config; presets: configs/deepspeed/ (deepspeed=zero2|zero3|...)")
+
+
+@dataclass
 class TrackingConfig:
     wandb: str = F("auto", "auto | online | offline | disabled: auto is online with an API key, else offline")
     project: str = F("tokensel", "W&B project")
@@ -175,6 +186,7 @@ class TokenselConfig:
     distill: DistillConfig = field(default_factory=DistillConfig)
     preference: PreferenceConfig = field(default_factory=PreferenceConfig)
     peft: PeftSettings = field(default_factory=PeftSettings)
+    deepspeed: DeepSpeedSettings = field(default_factory=DeepSpeedSettings)
     eval: EvalConfig = field(default_factory=EvalConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 

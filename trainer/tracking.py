@@ -34,8 +34,12 @@ def init_wandb(run_dir: Path, setting: str, project: str, entity: str | None, na
     import wandb
 
     id_file = run_dir / "wandb_run_id"
-    run_id = id_file.read_text().strip() if id_file.exists() else secrets.token_hex(4)
-    id_file.write_text(run_id)
+    run_id = id_file.read_text().strip() if id_file.exists() else ""
+    if not run_id:  # absent, or emptied by a kill before the first write finished
+        run_id = secrets.token_hex(4)
+        tmp = id_file.with_suffix(".tmp")
+        tmp.write_text(run_id)
+        tmp.replace(id_file)
     return wandb.init(
         project=project,
         entity=entity,
