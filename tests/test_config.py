@@ -106,6 +106,8 @@ def test_impossible_combinations():
     assert p.startswith("trainer.selection_pass")
     with pytest.raises(ConfigError, match="trainer.sampler: hashed is implemented for the RL"):
         compose(["+experiment=dpo", "trainer.sampler=hashed"])
+    (p,) = problems("trainer.optim=adamw_troch")
+    assert p.startswith("trainer.optim") and "did you mean adamw_torch" in p
     (p,) = problems("trainer.save_total_limit=1")
     assert p.startswith("trainer.save_total_limit") and "none complete" in p
 

@@ -35,7 +35,7 @@ def free_port() -> str:
         return str(s.getsockname()[1])
 
 
-def launch(line: str, root: Path, port: str) -> subprocess.Popen:
+def launch(line: str, root: Path, port: str, overrides: list[str] = SMALL) -> subprocess.Popen:
     words = shlex.split(line)
     # the launcher runs `python` from PATH: the environment the tests run in (an activated venv in .ci/run)
     path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
@@ -45,7 +45,7 @@ def launch(line: str, root: Path, port: str) -> subprocess.Popen:
         key, value = words.pop(0).split("=", 1)
         env[key] = port if key == "MASTER_PORT" else value
     env.setdefault("MASTER_PORT", port)
-    return subprocess.Popen([*words, *SMALL, f"run.root={root}"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+    return subprocess.Popen([*words, *overrides, f"run.root={root}"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
 
 

@@ -103,8 +103,16 @@ def test_greedy_calls_and_announced_rows_are_checked():
     x = torch.tensor([[2, 5, 6]])
     with torch.no_grad():
         greedy = model.generate(input_ids=x, max_new_tokens=4, do_sample=False, pad_token_id=0)  # not intercepted
+        torch.manual_seed(0)
+        plain = model.generate(input_ids=x, max_new_tokens=4, do_sample=True, pad_token_id=0)  # not announced
         sampler.begin(0, torch.arange(2))
         with pytest.raises(RuntimeError, match="announced 2"):
             model.generate(input_ids=x, max_new_tokens=4, do_sample=True, pad_token_id=0)
-    assert greedy.shape == (1, 7)
+        assert not sampler.armed  # disarmed even when generate fails
+        torch.manual_seed(0)
+        again = model.generate(input_ids=x, max_new_tokens=4, do_sample=True, pad_token_id=0)
+        fresh = tiny_model()
+        torch.manual_seed(0)
+        reference = fresh.generate(input_ids=x, max_new_tokens=4, do_sample=True, pad_token_id=0)
+    assert greedy.shape == (1, 7) and torch.equal(plain, again) and torch.equal(plain, reference)
     assert math.isfinite(float(hashed_uniform(0, 0, torch.arange(1), 0, 2).sum()))

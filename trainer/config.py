@@ -166,10 +166,20 @@ def _cross_checks(cfg: DictConfig, objective: objectives.Objective | None, probl
                         "adapter-disabled reference is not supported yet")
     if cfg.resume not in ("never", "auto"):
         problems.append(f"resume: must be never or auto, got {cfg.resume!r}")
+    from transformers.training_args import OptimizerNames
+
+    optimizers = [o.value for o in OptimizerNames]
+    if t.optim not in optimizers:
+        problems.append(f"trainer.optim: unknown optimizer {t.optim!r}{_suggest(t.optim, optimizers)}")
     if cfg.trainer.sampler not in ("torch", "hashed"):
         problems.append(f"trainer.sampler: must be torch or hashed, got {cfg.trainer.sampler!r}")
     elif cfg.trainer.sampler == "hashed" and kind in ("distill", "preference"):
         problems.append(f"trainer.sampler: hashed is implemented for the RL (GRPO) trainer, not for {kind} objectives")
+    if cfg.deepspeed.enabled and kind in ("distill", "preference"):
+        problems.append(f"deepspeed.enabled: DeepSpeed runs the RL (GRPO) trainer; the {kind} trainer reads the "
+                        "LM-head weights directly, which ZeRO partitions (use torchrun/DDP for it)")
+    if cfg.deepspeed.config_file and not Path(cfg.deepspeed.config_file).is_file():
+        problems.append(f"deepspeed.config_file: no such file {cfg.deepspeed.config_file!r}")
     if cfg.trainer.save_total_limit is not None and cfg.trainer.save_total_limit < 2:
         problems.append(f"trainer.save_total_limit: must be >= 2 or null, got {cfg.trainer.save_total_limit} (with one "
                         "checkpoint kept, a kill while the next is written leaves none complete)")

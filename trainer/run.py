@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
 import random
 import resource
+import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -74,6 +76,8 @@ def run(resolved: Resolved) -> dict[str, Any]:
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
 
     # ---- build: model, task, data ------------------------------------------------------------------------------
+    if cfg.deepspeed.enabled:
+        init_deepspeed(cfg)
     model, tokenizer = build_model(cfg.model, cfg.seed)
     task = TASKS[resolved.task_config.name][1](resolved.task_config)
     train_rows, eval_rows = task.splits(cfg.seed)
@@ -94,9 +98,11 @@ def run(resolved: Resolved) -> dict[str, Any]:
     def held_out(m) -> dict[str, float]:
         if not cfg.eval.enabled:
             return {}
-        return evaluate(m, tokenizer, task, eval_rows, max_new_tokens=cfg.eval.max_new_tokens or
-                        cfg.trainer.max_completion_length, batch_size=cfg.eval.batch_size, samples=cfg.eval.samples,
-                        temperature=cfg.eval.temperature or cfg.trainer.temperature, seed=cfg.seed)
+        with full_weights(m):  # every rank gathers, then generates alone: no lock-step needed
+            return evaluate(m, tokenizer, task, eval_rows, max_new_tokens=cfg.eval.max_new_tokens or
+                            cfg.trainer.max_completion_length, batch_size=cfg.eval.batch_size,
+                            samples=cfg.eval.samples, temperature=cfg.eval.temperature or cfg.trainer.temperature,
+                            seed=cfg.seed)
 
     before = held_out(model)
     if before:
@@ -337,6 +343,7 @@ def grpo_args(cfg, objective, run_dir: Path):
         loss_type=getattr(c, "loss_type", "dapo"),
         epsilon=float(getattr(c, "epsilon_low", 0.2)),
         epsilon_high=float(getattr(c, "epsilon_high", 0.2)),
+        ds3_gather_for_generation=t.ds3_gather_for_generation,
     )
 
 
@@ -347,6 +354,7 @@ def common_args(cfg, run_dir: Path) -> dict[str, Any]:
         output_dir=str(run_dir / "checkpoints"),
         max_steps=t.max_steps,
         learning_rate=t.learning_rate,
+        optim=t.optim,
         lr_scheduler_type=t.lr_scheduler_type,
         warmup_steps=t.warmup_steps,
         weight_decay=t.weight_decay,
@@ -367,6 +375,7 @@ def common_args(cfg, run_dir: Path) -> dict[str, Any]:
         log_completions=False,
         disable_tqdm=not is_main_process(),
         dataloader_num_workers=0,
+        deepspeed=deepspeed_config(cfg),
     )
 
 
@@ -380,14 +389,49 @@ def distill_args(cfg, run_dir: Path):
 def dpo_args(cfg, objective, run_dir: Path):
     from trl import DPOConfig
 
-    keep = ("output_dir", "max_steps", "learning_rate", "lr_scheduler_type", "warmup_steps", "weight_decay",
+    keep = ("output_dir", "max_steps", "learning_rate", "optim", "lr_scheduler_type", "warmup_steps", "weight_decay",
             "max_grad_norm", "per_device_train_batch_size", "gradient_accumulation_steps", "logging_steps",
             "save_strategy", "save_steps", "save_total_limit", "report_to", "seed", "use_cpu", "bf16", "disable_tqdm",
-            "dataloader_num_workers")
+            "dataloader_num_workers", "deepspeed")
     common = {k: v for k, v in common_args(cfg, run_dir).items() if k in keep}
     # max_length: the longest prompt + completion the model handles; gradient checkpointing buys nothing here
     return DPOConfig(**common, beta=float(objective.config.beta), loss_type=["sigmoid"], gradient_checkpointing=False,
                      max_length=cfg.model.tiny.max_position_embeddings if not cfg.model.name_or_path else 1024)
+
+
+def init_deepspeed(cfg) -> None:
+    """DeepSpeed's process group before the model exists (gloo on CPU); a single process gets the env it needs."""
+    import deepspeed
+
+    if "RANK" not in os.environ:  # `python -m trainer deepspeed=...` without a launcher: a world of one
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=os.environ.get("MASTER_PORT", str(_free_port())))
+    cpu = cfg.run.device == "cpu" or not torch.cuda.is_available()
+    deepspeed.init_distributed(dist_backend="gloo" if cpu else "nccl")
+
+
+def deepspeed_config(cfg) -> str | dict | None:
+    ds = cfg.deepspeed
+    if not ds.enabled:
+        return None
+    return ds.config_file or OmegaConf.to_container(ds.config, resolve=True)
+
+
+def full_weights(model):
+    """Under ZeRO-3, a context in which every rank holds the full weights (a collective: all ranks enter it)."""
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    if not is_deepspeed_zero3_enabled():
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def world_size() -> int:

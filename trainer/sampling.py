@@ -57,7 +57,8 @@ def hashed_uniform(seed: int, step: int, rollout_ids: torch.Tensor, position: in
 class HashedGumbelSampler(LogitsProcessor):
     """A logits processor that turns greedy decoding into layout-independent sampling (see the module docstring).
 
-    Call :meth:`begin` before each ``generate`` with the global ids of the batch's rows; the processor applies the
+    Call :meth:`begin` before a ``generate`` with the global ids of the batch's rows (an unannounced ``generate``,
+    such as the held-out evaluation, samples as usual); the processor applies the
     generation config's temperature, top-k and top-p itself (:meth:`warp_like`) and returns scores that are ``0`` at
     the sampled token, ``−inf`` elsewhere.
     """
@@ -79,7 +80,12 @@ class HashedGumbelSampler(LogitsProcessor):
             self.warpers.append(TopPLogitsWarper(top_p))
 
     def begin(self, step: int, rollout_ids: torch.Tensor) -> None:
+        """Arm the sampler for the next ``generate`` call (other calls sample as usual)."""
         self.step, self.rollout_ids, self._start = step, rollout_ids, None
+
+    @property
+    def armed(self) -> bool:
+        return self.rollout_ids is not None
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         if self.rollout_ids is None or self.rollout_ids.numel() != scores.shape[0]:
@@ -104,7 +110,7 @@ def install_hashed_sampler(model, sampler: HashedGumbelSampler) -> None:
     def generate(self, *args, generation_config=None, logits_processor=None, **kwargs):
         config = copy.deepcopy(generation_config if generation_config is not None else self.generation_config)
         kwargs = config.update(**kwargs)  # generation settings move into the config, model inputs stay
-        if not config.do_sample:
+        if not config.do_sample or not sampler.armed:  # greedy, or not a rollout (held-out evaluation)
             return previous(*args, generation_config=config, logits_processor=logits_processor, **kwargs)
         if config.min_p is not None:
             raise ValueError("trainer.sampler=hashed does not implement min_p sampling")
@@ -112,6 +118,9 @@ def install_hashed_sampler(model, sampler: HashedGumbelSampler) -> None:
         config.do_sample = False
         config.temperature = config.top_p = config.top_k = None
         processors = LogitsProcessorList([*(logits_processor or []), sampler])
-        return previous(*args, generation_config=config, logits_processor=processors, **kwargs)
+        try:
+            return previous(*args, generation_config=config, logits_processor=processors, **kwargs)
+        finally:
+            sampler.rollout_ids = None  # one begin() per generate()
 
     model.generate = types.MethodType(generate, model)

@@ -53,6 +53,7 @@ class WarmupConfig:
 class GRPOTrainerConfig:
     max_steps: int = F(100, "optimizer steps of RL")
     learning_rate: float = F(1e-6, "AdamW learning rate; TRL GRPOConfig default 1e-6")
+    optim: str = F("adamw_torch", "transformers optimizer name (adamw_torch, adamw_torch_fused, sgd, adafactor, ...)")
     lr_scheduler_type: str = F("constant", "transformers scheduler name")
     warmup_steps: float = F(0.0, "linear LR warm-up: steps (>= 1) or a fraction of max_steps (< 1)")
     weight_decay: float = F(0.0, "AdamW weight decay")
@@ -65,6 +66,9 @@ class GRPOTrainerConfig:
     top_p: float = F(1.0, "nucleus sampling of rollouts")
     sampler: str = F("torch", "torch | hashed: hashed draws each rollout's Gumbel noise from (seed, step, rollout id, "
                      "position), so one process and N ranks sample the same completions (GRPO, transformers generate)")
+    ds3_gather_for_generation: bool = F(True, "ZeRO-3: gather the full weights for rollouts (fast); false keeps "
+                                        "them sharded and generates with the ranks in lock-step (for models "
+                                        "too large for one device)")
     num_iterations: int = F(1, "PPO epochs per generation batch (TRL's mu)")
     logging_steps: int = F(5, "log every N optimizer steps")
     save_steps: int = F(0, "checkpoint every N steps; 0 = only at the end")
