@@ -1,6 +1,7 @@
 """The launch commands of ``docs/launch.md`` marked *tested*, run verbatim (a free port and small-run overrides
-appended): one node with two processes, two "nodes" on loopback, and the DeepSpeed launcher (which appends
-``--local_rank``, which Hydra would reject); every rank finishes and all share one run directory."""
+appended): one node with two processes, two "nodes" on loopback, the DeepSpeed launcher (which appends
+``--local_rank``, which Hydra would reject) and ``accelerate launch``; every rank finishes and all share one run
+directory."""
 
 import json
 import os
@@ -45,11 +46,13 @@ def launch(line: str, root: Path, port: str, overrides: list[str] = SMALL) -> su
         key, value = words.pop(0).split("=", 1)
         env[key] = port if key == "MASTER_PORT" else value
     env.setdefault("MASTER_PORT", port)
+    if words[:2] == ["accelerate", "launch"]:  # accelerate takes its port from its config file unless told
+        words.insert(2, f"--main_process_port={port}")
     return subprocess.Popen([*words, *overrides, f"run.root={root}"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
 
 
-@pytest.mark.parametrize("name", ["one-node", "two-node-loopback", "deepspeed-launcher"])
+@pytest.mark.parametrize("name", ["one-node", "two-node-loopback", "deepspeed-launcher", "accelerate"])
 def test_documented_launch_commands_run(tmp_path, name):
     port = free_port()
     procs = [launch(line, tmp_path, port) for line in documented_block(name)]
@@ -60,3 +63,4 @@ def test_documented_launch_commands_run(tmp_path, name):
     assert [d.name for d in run_dirs] == ["quickstart-launch-test"]  # one directory for every rank
     summary = json.loads((run_dirs[0] / "summary.json").read_text())
     assert summary["rl_steps"] == 3
+    assert summary["world_size"] == (1 if name == "deepspeed-launcher" else 2)

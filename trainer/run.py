@@ -162,6 +162,9 @@ def run(resolved: Resolved) -> dict[str, Any]:
         "mean_reward_first_log": callback.rewards[0] if callback.rewards else None,
         "mean_reward_last_log": callback.rewards[-1] if callback.rewards else None,
         "rl_steps": trainer.state.global_step,
+        "world_size": trainer.accelerator.num_processes,
+        "deepspeed_stage": (cfg.deepspeed.config.get("zero_optimization", {}).get("stage")
+                            if cfg.deepspeed.enabled and not cfg.deepspeed.config_file else None),
         "rl_seconds": round(rl_seconds, 1),  # training loop only (periodic evaluations excluded)
         "kernels_backend": trainer.kernels_backend,
         "wall_seconds": round(time.perf_counter() - start, 1),
