@@ -106,6 +106,12 @@ def test_impossible_combinations():
     assert p.startswith("trainer.selection_pass")
     with pytest.raises(ConfigError, match="trainer.sampler: hashed is implemented for the RL"):
         compose(["+experiment=dpo", "trainer.sampler=hashed"])
+    (p,) = problems("model.attn_implementation=flash_attention_2")  # no flash-attn, no GPU on this machine
+    assert p.startswith("model.attn_implementation: flash_attention_2") and ("flash_attn" in p or "CUDA" in p)
+    (p,) = problems("model.attn_implementation=spda")
+    assert "did you mean sdpa" in p
+    found = problems("trainer.use_vllm=true", "trainer.sampler=hashed")
+    assert any(p.startswith("trainer.use_vllm") for p in found) and any("cannot drive vLLM" in p for p in found)
     (p,) = problems("trainer.optim=adamw_troch")
     assert p.startswith("trainer.optim") and "did you mean adamw_torch" in p
     (p,) = problems("trainer.save_total_limit=1")

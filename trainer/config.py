@@ -133,6 +133,43 @@ def _check_component(node: dict[str, Any], where: str, name: str, cls: type, pro
         return None
 
 
+ATTENTION = ("eager", "sdpa", "flash_attention_2", "flash_attention_3")
+FLASH_PACKAGES = {"flash_attention_2": "flash_attn", "flash_attention_3": "flash_attn_interface"}
+
+
+def _backend_checks(cfg: DictConfig, kind: str | None, problems: list[str]) -> None:
+    """Attention and generation backends that are requested but cannot run here fail now, by name."""
+    import importlib.util
+
+    import torch
+
+    attn = cfg.model.attn_implementation
+    cuda = torch.cuda.is_available() and cfg.run.device != "cpu"
+    if attn not in ATTENTION:
+        problems.append(f"model.attn_implementation: unknown {attn!r}{_suggest(attn, list(ATTENTION))}")
+    elif attn in FLASH_PACKAGES:
+        package = FLASH_PACKAGES[attn]
+        if importlib.util.find_spec(package) is None:
+            problems.append(f"model.attn_implementation: {attn} needs the {package} package (pip install flash-attn "
+                            "--no-build-isolation, on a CUDA machine); it is not installed. Use sdpa.")
+        elif not cuda:
+            problems.append(f"model.attn_implementation: {attn} runs on a CUDA GPU only (run.device="
+                            f"{cfg.run.device}, CUDA available: {torch.cuda.is_available()}). Use sdpa.")
+    t = cfg.trainer
+    if not t.use_vllm:
+        return
+    if kind in ("distill", "preference"):
+        problems.append(f"trainer.use_vllm: vLLM rollouts are wired for the RL (GRPO) trainer, not for {kind}")
+    if t.vllm_mode not in ("colocate", "server"):
+        problems.append(f"trainer.vllm_mode: must be colocate or server, got {t.vllm_mode!r}")
+    if importlib.util.find_spec("vllm") is None:
+        problems.append("trainer.use_vllm: the vllm package is not installed (pip install vllm, on a CUDA machine)")
+    elif t.vllm_mode == "colocate" and not cuda:
+        problems.append("trainer.use_vllm: colocated vLLM needs a CUDA GPU")
+    if t.sampler == "hashed":
+        problems.append("trainer.sampler: hashed samples inside transformers' generate and cannot drive vLLM")
+
+
 def _cross_checks(cfg: DictConfig, objective: objectives.Objective | None, problems: list[str]) -> None:
     t = cfg.trainer
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -171,6 +208,7 @@ def _cross_checks(cfg: DictConfig, objective: objectives.Objective | None, probl
     optimizers = [o.value for o in OptimizerNames]
     if t.optim not in optimizers:
         problems.append(f"trainer.optim: unknown optimizer {t.optim!r}{_suggest(t.optim, optimizers)}")
+    _backend_checks(cfg, kind, problems)
     if cfg.trainer.sampler not in ("torch", "hashed"):
         problems.append(f"trainer.sampler: must be torch or hashed, got {cfg.trainer.sampler!r}")
     elif cfg.trainer.sampler == "hashed" and kind in ("distill", "preference"):

@@ -347,6 +347,11 @@ def grpo_args(cfg, objective, run_dir: Path):
         epsilon=float(getattr(c, "epsilon_low", 0.2)),
         epsilon_high=float(getattr(c, "epsilon_high", 0.2)),
         ds3_gather_for_generation=t.ds3_gather_for_generation,
+        use_vllm=t.use_vllm,
+        vllm_mode=t.vllm_mode,
+        vllm_server_base_url=t.vllm_server_base_url,
+        vllm_gpu_memory_utilization=t.vllm_gpu_memory_utilization,
+        vllm_tensor_parallel_size=t.vllm_tensor_parallel_size,
     )
 
 

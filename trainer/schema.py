@@ -35,7 +35,8 @@ class ModelConfig:
     name_or_path: str | None = F(None, "HF hub id or local directory; null builds the tiny model locally (offline)")
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
     dtype: str = F("float32", "float32 | bfloat16 | float16 (float32 on CPU)")
-    attn_implementation: str = F("sdpa", "eager | sdpa | flash_attention_2")
+    attn_implementation: str = F("sdpa", "eager | sdpa | flash_attention_2 | flash_attention_3 (flash-attn on a "
+                                 "CUDA GPU; requesting it without one is an error, never a silent fallback)")
     trust_remote_code: bool = F(False, "passed to from_pretrained")
 
 
@@ -66,6 +67,11 @@ class GRPOTrainerConfig:
     top_p: float = F(1.0, "nucleus sampling of rollouts")
     sampler: str = F("torch", "torch | hashed: hashed draws each rollout's Gumbel noise from (seed, step, rollout id, "
                      "position), so one process and N ranks sample the same completions (GRPO, transformers generate)")
+    use_vllm: bool = F(False, "generate rollouts with vLLM (TRL's integration; needs vllm and a CUDA GPU)")
+    vllm_mode: str = F("colocate", "colocate (vLLM inside each training process) | server (trl vllm-serve)")
+    vllm_server_base_url: str | None = F(None, "server mode: the URL of `trl vllm-serve`, e.g. http://10.0.0.2:8000")
+    vllm_gpu_memory_utilization: float = F(0.3, "colocate mode: the GPU memory fraction vLLM may take")
+    vllm_tensor_parallel_size: int = F(1, "colocate mode: tensor-parallel degree of vLLM")
     ds3_gather_for_generation: bool = F(True, "ZeRO-3: gather the full weights for rollouts (fast); false keeps "
                                         "them sharded and generates with the ranks in lock-step (for models "
                                         "too large for one device)")
