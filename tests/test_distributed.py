@@ -21,6 +21,7 @@ import torch
 from safetensors.torch import load_file
 
 from tests.test_launch import documented_block, free_port, launch
+from trainer.export import export
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.e2e
@@ -36,8 +37,8 @@ def overrides(cache: Path) -> list[str]:
             "tracking.wandb=disabled"]
 
 
-def run_layout(name: str, root: Path, cache: Path) -> Path:
-    procs = [launch(line, root, free_port(), overrides(cache)) for line in documented_block(name)]
+def run_layout(name: str, root: Path, cache: Path, extra: tuple[str, ...] | list[str] = ()) -> Path:
+    procs = [launch(line, root, free_port(), [*overrides(cache), *extra]) for line in documented_block(name)]
     for p in procs:
         out = p.communicate(timeout=900)[0]
         assert p.returncode == 0, f"{name}:\n{out[-4000:]}"
@@ -73,6 +74,18 @@ def test_layouts_match_one_process(tmp_path):
         assert rel <= 1e-3, f"{name}: relative weight-update difference {rel:.2e}"
         summary = json.loads((runs[name] / "summary.json").read_text())
         assert summary["rl_steps"] == 3 and summary["accuracy_after"] is not None  # evaluation after ZeRO-3 too
+
+
+def test_lora_under_zero3_saves_a_trained_adapter_that_exports(tmp_path):
+    """The documented ZeRO-3 command with LoRA: the saved adapter is gathered (not the empty shards ZeRO-3 holds on
+    each rank), and its merged export reproduces the training model's logits."""
+    lora = ["peft.enabled=true", "trainer.learning_rate=1e-2"]
+    run_dir = run_layout("zero3", tmp_path / "zero3", tmp_path / "cache", extra=lora)
+    adapter = load_file(run_dir / "final" / "adapter_model.safetensors")
+    b = [v for k, v in adapter.items() if "lora_B" in k]
+    assert b and all(v.numel() > 0 for v in adapter.values()) and any(v.abs().max() > 0 for v in b)
+    report = export(str(run_dir), merge_lora=True, push_to_hub="org/tiny", dry_run=True)
+    assert report["merged"] and report["max_logit_difference"] <= 1e-4
 
 
 @pytest.mark.parametrize("mode", ["gather", "sharded"])
