@@ -47,3 +47,20 @@ def test_with_a_cache_packed_rows_attend_to_each_other():
         cache = model(input_ids=torch.tensor([a + b]), position_ids=pos, use_cache=True).logits[0, len(a):]
     torch.testing.assert_close(no_cache, alone, atol=1e-5, rtol=1e-5)
     assert not torch.allclose(cache, alone, atol=1e-3)
+
+
+def test_call_as_forward_runs_hooks_and_restores_forward():
+    from trainer.stats_head import call_as_forward
+
+    head = torch.nn.Linear(4, 3)
+    seen = []
+    head.register_forward_pre_hook(lambda m, args: seen.append("pre"))
+    head.register_forward_hook(lambda m, args, out: seen.append("post"))
+    x = torch.randn(2, 4)
+    out = call_as_forward(head, lambda h: (h @ head.weight.T).sum(-1), x)
+    assert seen == ["pre", "post"] and out.shape == (2,)
+    assert "forward" not in head.__dict__ and torch.equal(head(x), x @ head.weight.T + head.bias)
+    custom = lambda h: h  # noqa: E731 - an instance-level forward (as wrappers install) survives the call
+    head.forward = custom
+    call_as_forward(head, lambda h: h * 2, x)
+    assert head.forward is custom

@@ -79,3 +79,18 @@ def test_incomplete_checkpoints_are_skipped_and_metrics_truncated(tmp_path):
     metrics.write_text("".join(json.dumps({"step": s}) + "\n" for s in (1, 2, 3, 4, 5, 6)) + '{"step": 7, "lo')
     truncate_metrics(metrics, 4)
     assert [json.loads(line)["step"] for line in metrics.read_text().splitlines()] == [1, 2, 3, 4]
+
+
+def test_a_run_does_not_join_an_inherited_wandb_service(tmp_path, monkeypatch):
+    """A parent's ``WANDB_SERVICE`` token (here unparsable, in the full suite a live service of the test process)
+    must not be used: a killed run's stream would stay open there and refuse the resumed run's id."""
+    from trainer.tracking import init_wandb
+
+    monkeypatch.setenv("WANDB_SERVICE", "not-a-service-token")
+    monkeypatch.setenv("WANDB_API_KEY", "")
+    run = init_wandb(tmp_path, "offline", "tokensel-test", None, "svc", {})
+    try:
+        assert run.id == (tmp_path / "wandb_run_id").read_text()
+        assert os.environ.get("WANDB_SERVICE") != "not-a-service-token"
+    finally:
+        run.finish()

@@ -59,7 +59,7 @@ class TokenSelectiveGRPOTrainer(GRPOTrainer):
         if self.args.steps_per_generation != self.args.gradient_accumulation_steps:
             raise ValueError("tokensel needs steps_per_generation == gradient_accumulation_steps (one step per rollout)")
         base = self.model.get_base_model() if is_peft_model(self.model) else self.model
-        self.kernel_stats = not self.is_deepspeed_enabled and add_token_stats_head(base, self.temperature)
+        self.kernel_stats = add_token_stats_head(base, self.temperature)
         self.hashed_sampler = None
         if sampler == "hashed":
             if self.use_vllm:

@@ -44,10 +44,34 @@ def add_token_stats_head(model, temperature: float) -> bool:
         hidden = self.base_model(*args, **kwargs).last_hidden_state[:, :-1]
         head = self.get_output_embeddings()
         targets = labels[:, 1:].to(hidden.device)
-        return kernels.token_stats(hidden, head.weight, targets, bias=head.bias, temperature=temperature)
+
+        def stats(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            st = kernels.token_stats(h, head.weight, targets, bias=head.bias, temperature=temperature)
+            return st.logp, st.entropy  # a plain tuple: ZeRO-3's backward hooks attach to tuple outputs
+
+        return kernels.TokenStats(*call_as_forward(head, stats, hidden))
 
     model.forward = types.MethodType(forward, model)
     return True
+
+
+def call_as_forward(module: torch.nn.Module, fn, *args):
+    """``fn(*args)`` run as ``module``'s forward, so that the hooks a wrapper registered on the module run around it.
+
+    The kernels read ``lm_head.weight`` directly. Under DeepSpeed ZeRO-3 that weight is a 0-element shard outside the
+    head's own forward: ZeRO-3's forward hooks gather it before the forward (and release it after), and the hooks
+    it attaches to the outputs gather it again before the backward, which the kernels' selective backward needs.
+    Without such hooks (one process, DDP, ZeRO-2) this is a plain call.
+    """
+    saved = module.__dict__.get("forward")
+    module.forward = fn
+    try:
+        return module(*args)
+    finally:
+        if saved is None:
+            del module.forward
+        else:
+            module.forward = saved
 
 
 def log_backward_rows(trainer, rows_before: int, rows_valid: int, device: torch.device) -> None:

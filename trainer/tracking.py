@@ -33,6 +33,10 @@ def init_wandb(run_dir: Path, setting: str, project: str, entity: str | None, na
         return None
     import wandb
 
+    # A service token inherited from a parent process (one that used wandb itself, e.g. a test runner or a sweep
+    # driver) would put this run's stream into the parent's wandb-core service. That service outlives a killed run
+    # and then refuses the resumed run's id ("run ID ... is in use"): a training run owns its own service.
+    os.environ.pop("WANDB_SERVICE", None)
     id_file = run_dir / "wandb_run_id"
     run_id = id_file.read_text().strip() if id_file.exists() else ""
     if not run_id:  # absent, or emptied by a kill before the first write finished
