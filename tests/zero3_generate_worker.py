@@ -2,7 +2,7 @@
 
 Rank r generates ``MAX_NEW[r]`` tokens from its own prompts, so one rank stops long before the other. Two modes:
 
-* ``gather``: the held-out evaluation's path (``trainer.run.full_weights``): every rank gathers the full weights,
+* ``gather``: the held-out evaluation's path (``trainer.distributed.full_weights``): every rank gathers the full weights,
   then generates alone; no collective runs inside ``generate``;
 * ``sharded``: weights stay partitioned; transformers' ``generate`` sees ZeRO-3 and keeps the ranks in lock-step
   (``synced_gpus``), the finished rank running dummy forwards until every rank is done (the path of
@@ -23,7 +23,7 @@ from omegaconf import OmegaConf
 from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.integrations import HfDeepSpeedConfig
 
-from trainer.run import full_weights
+from trainer.distributed import full_weights
 
 MAX_NEW = (2, 12)
 ROOT = Path(__file__).resolve().parent.parent

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import os
 import random
 import resource
-import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -23,6 +21,7 @@ from transformers.trainer_callback import ProgressCallback
 from .checkpoints import MarkComplete, checkpoint_step, last_complete, truncate_metrics
 from .config import Resolved, selection_pass_enabled
 from .distill import TipDistillationTrainer
+from .distributed import deepspeed_config, full_weights, init_deepspeed, is_main_process, run_directory, world_size
 from .dpo import TokenDPOTrainer
 from .evaluate import evaluate
 from .grpo_adapter import TokenSelectiveGRPOTrainer
@@ -34,26 +33,11 @@ from .teacher import build_teacher
 from .tracking import CompactProgress, MetricsCallback, init_wandb
 from .warmup import cache_key, warm_start
 
-JOB_ID_VARS = ("TOKENSEL_RUN_ID", "SLURM_JOB_ID", "TORCHELASTIC_RUN_ID", "LSB_JOBID", "PBS_JOBID")
-
-
-def run_directory(cfg) -> Path:
-    """``<run.root>/<name>``: the launcher's job id (shared by all ranks), else the experiment name."""
-    name = cfg.run.name
-    if not name:
-        job = next((os.environ[v] for v in JOB_ID_VARS if os.environ.get(v) not in (None, "", "none")), None)
-        name = f"{cfg.experiment or 'run'}-{job}" if job else (cfg.experiment or "run")
-    return Path(cfg.run.root) / name
-
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def is_main_process() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
@@ -405,45 +389,6 @@ def dpo_args(cfg, objective, run_dir: Path):
     # max_length: the longest prompt + completion the model handles; gradient checkpointing buys nothing here
     return DPOConfig(**common, beta=float(objective.config.beta), loss_type=["sigmoid"], gradient_checkpointing=False,
                      max_length=cfg.model.tiny.max_position_embeddings if not cfg.model.name_or_path else 1024)
-
-
-def init_deepspeed(cfg) -> None:
-    """DeepSpeed's process group before the model exists (gloo on CPU); a single process gets the env it needs."""
-    import deepspeed
-
-    if "RANK" not in os.environ:  # `python -m trainer deepspeed=...` without a launcher: a world of one
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=os.environ.get("MASTER_PORT", str(_free_port())))
-    cpu = cfg.run.device == "cpu" or not torch.cuda.is_available()
-    deepspeed.init_distributed(dist_backend="gloo" if cpu else "nccl")
-
-
-def deepspeed_config(cfg) -> str | dict | None:
-    ds = cfg.deepspeed
-    if not ds.enabled:
-        return None
-    return ds.config_file or OmegaConf.to_container(ds.config, resolve=True)
-
-
-def full_weights(model):
-    """Under ZeRO-3, a context in which every rank holds the full weights (a collective: all ranks enter it)."""
-    from transformers.integrations import is_deepspeed_zero3_enabled
-
-    if not is_deepspeed_zero3_enabled():
-        return contextlib.nullcontext()
-    import deepspeed
-
-    return deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def world_size() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def _check_lengths(cfg, tokenizer, rows) -> None:

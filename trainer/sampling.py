@@ -58,9 +58,9 @@ class HashedGumbelSampler(LogitsProcessor):
     """A logits processor that turns greedy decoding into layout-independent sampling (see the module docstring).
 
     Call :meth:`begin` before a ``generate`` with the global ids of the batch's rows (an unannounced ``generate``,
-    such as the held-out evaluation, samples as usual); the processor applies the
-    generation config's temperature, top-k and top-p itself (:meth:`warp_like`) and returns scores that are ``0`` at
-    the sampled token, ``−inf`` elsewhere.
+    such as the held-out evaluation, samples as usual). The processor applies the generation config's temperature,
+    top-k and top-p itself (:meth:`warp_like`) and returns scores that are ``0`` at the sampled token, ``−inf``
+    elsewhere, so greedy decoding picks the sample.
     """
 
     def __init__(self, seed: int) -> None:
