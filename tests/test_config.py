@@ -148,3 +148,15 @@ def test_cli_accepts_deepspeed_local_rank():
     p = run_cli("--local_rank=0", "+experiment=quickstart", "--cfg")
     assert p.returncode == 0, p.stderr
     assert "experiment: quickstart" in p.stdout
+
+
+def test_scale_keys_reach_the_trl_configs(tmp_path):
+    from trainer.run import dpo_args, grpo_args
+
+    r = compose(["+experiment=quickstart", "trainer.ds3_gather_for_generation=false", "trainer.optim=sgd",
+                 "trainer.vllm_gpu_memory_utilization=0.5", "trainer.save_total_limit=3"])
+    a = grpo_args(r.cfg, r.objective, tmp_path)
+    assert (a.ds3_gather_for_generation, a.optim, a.vllm_gpu_memory_utilization, a.save_total_limit) == (
+        False, "sgd", 0.5, 3)
+    d = compose(["+experiment=dpo", "trainer.optim=sgd"])
+    assert dpo_args(d.cfg, d.objective, tmp_path).optim == "sgd"

@@ -315,6 +315,11 @@ def training_rows(cfg, task, rows: list[dict[str, Any]]) -> list[dict[str, Any]]
     return [{**r, "domain": task.domain_of(r)} for r in rows]
 
 
+# trainer.* keys that are GRPOConfig fields of the same name and meaning
+GRPO_PASSTHROUGH = ("ds3_gather_for_generation", "use_vllm", "vllm_mode", "vllm_server_base_url",
+                    "vllm_gpu_memory_utilization", "vllm_tensor_parallel_size")
+
+
 def grpo_args(cfg, objective, run_dir: Path):
     from trl import GRPOConfig
 
@@ -330,12 +335,7 @@ def grpo_args(cfg, objective, run_dir: Path):
         loss_type=getattr(c, "loss_type", "dapo"),
         epsilon=float(getattr(c, "epsilon_low", 0.2)),
         epsilon_high=float(getattr(c, "epsilon_high", 0.2)),
-        ds3_gather_for_generation=t.ds3_gather_for_generation,
-        use_vllm=t.use_vllm,
-        vllm_mode=t.vllm_mode,
-        vllm_server_base_url=t.vllm_server_base_url,
-        vllm_gpu_memory_utilization=t.vllm_gpu_memory_utilization,
-        vllm_tensor_parallel_size=t.vllm_tensor_parallel_size,
+        **{key: t[key] for key in GRPO_PASSTHROUGH},
     )
 
 
