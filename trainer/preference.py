@@ -24,7 +24,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import shutil
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -36,7 +35,7 @@ from objectives.token_dpo import cdpo_token_weights, treg_token_rewards
 from .evaluate import generate_completions
 from .schema import WarmupConfig
 from .tasks import Row, Task
-from .warmup import train_sft
+from .warmup import publish_entry, train_sft
 
 CACHE_VERSION = 1
 
@@ -196,20 +195,19 @@ def tokenizer_fingerprint(tokenizer) -> str:
 
 
 def cached_preference_rows(key: str, cache_dir: Path, build) -> tuple[list[dict], dict[str, Any]]:
-    """Load ``<cache_dir>/<key>/pairs.jsonl`` or build and write it atomically (a killed run leaves no half file)."""
+    """Load ``<cache_dir>/<key>/pairs.jsonl`` or build and publish it (atomic, safe when ranks build it at once)."""
     target = cache_dir / key
     if (target / "done").exists():
         pairs = [json.loads(line) for line in (target / "pairs.jsonl").read_text().splitlines()]
         return pairs, {**json.loads((target / "meta.json").read_text()), "cached": True, "path": str(target)}
     pairs, info = build()
-    tmp = cache_dir / f".{key}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    (tmp / "pairs.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
-    (tmp / "meta.json").write_text(json.dumps(info, indent=2))
-    (tmp / "done").write_text("")
-    shutil.rmtree(target, ignore_errors=True)
-    tmp.rename(target)
+
+    def write(folder: Path) -> None:
+        (folder / "pairs.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
+        (folder / "meta.json").write_text(json.dumps(info, indent=2))
+        (folder / "done").write_text("")
+
+    publish_entry(cache_dir, key, write)
     return pairs, {**info, "cached": False, "path": str(target)}
 
 

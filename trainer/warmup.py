@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import random
+import secrets
 import shutil
 from dataclasses import asdict
 from pathlib import Path
@@ -74,6 +76,30 @@ def train_sft(model, tokenizer, rows: list[Row], cfg: WarmupConfig, seed: int) -
     return losses
 
 
+def publish_entry(cache_dir: Path, key: str, write) -> Path:
+    """Create the cache entry ``<cache_dir>/<key>`` (which must end up holding a ``done`` file) atomically.
+
+    ``write(folder)`` fills a private temporary folder that is then renamed into place: a killed writer never leaves
+    a half-written entry, and writers that build the same entry at once (the ranks of a job, or two runs) each write
+    their own copy — the first rename wins, the others discard theirs, and nobody deletes another's files.
+    """
+    target = cache_dir / key
+    tmp = cache_dir / f".{key}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+    tmp.mkdir(parents=True)
+    try:
+        write(tmp)
+        if target.exists() and not (target / "done").exists():
+            shutil.rmtree(target, ignore_errors=True)  # a damaged entry (from before this protocol)
+        try:
+            tmp.rename(target)
+        except OSError:
+            if not (target / "done").exists():  # not "another writer was first"
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
 def warm_start(model, tokenizer, rows: list[Row], cfg: WarmupConfig, seed: int, cache_dir: Path, key: str):
     """Load the cached warm-up for ``key`` or train it (and cache it). Returns ``(model, info)``."""
     target = cache_dir / key
@@ -84,11 +110,9 @@ def warm_start(model, tokenizer, rows: list[Row], cfg: WarmupConfig, seed: int, 
     losses = train_sft(model, tokenizer, rows, cfg, seed)
     info = {"cached": False, "path": str(target), "final_loss": losses[-1] if losses else None}
     if cfg.cache:
-        tmp = cache_dir / f".{key}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        torch.save(model.state_dict(), tmp / "model.pt")
-        (tmp / "done").write_text(json.dumps(info))
-        shutil.rmtree(target, ignore_errors=True)
-        tmp.rename(target)  # atomic: a killed warm-up never leaves a half-written cache entry
+        def write(folder: Path) -> None:
+            torch.save(model.state_dict(), folder / "model.pt")
+            (folder / "done").write_text(json.dumps(info))
+
+        publish_entry(cache_dir, key, write)
     return model, info
