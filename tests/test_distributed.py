@@ -37,8 +37,11 @@ def overrides(cache: Path) -> list[str]:
             "tracking.wandb=disabled"]
 
 
-def run_layout(name: str, root: Path, cache: Path, extra: tuple[str, ...] | list[str] = ()) -> Path:
-    procs = [launch(line, root, free_port(), [*overrides(cache), *extra]) for line in documented_block(name)]
+def run_layout(name: str, root: Path, cache: Path, extra: tuple[str, ...] | list[str] = (),
+               experiment: str = "quickstart", small: list[str] | None = None) -> Path:
+    lines = [line.replace("+experiment=quickstart", f"+experiment={experiment}") for line in documented_block(name)]
+    small = overrides(cache) if small is None else small
+    procs = [launch(line, root, free_port(), [*small, *extra]) for line in lines]
     for p in procs:
         out = p.communicate(timeout=900)[0]
         assert p.returncode == 0, f"{name}:\n{out[-4000:]}"
@@ -75,6 +78,24 @@ def test_layouts_match_one_process(tmp_path):
         summary = json.loads((runs[name] / "summary.json").read_text())
         assert summary["rl_steps"] == 3 and summary["accuracy_after"] is not None  # evaluation after ZeRO-3 too
         assert summary["kernels_backend"] == "torch"  # tokensel's fused head, also on ZeRO-3's partitioned lm_head
+
+
+def test_token_dpo_under_ddp_matches_one_process(tmp_path):
+    """Token-level DPO (TDPO2: per-token KL from the kernels) on fixed pairs: the global pair denominator makes two
+    DDP ranks take the one-process step (the global batch divides into the ranks' batches)."""
+    small = ["warmup.steps=100", f"warmup.cache_dir={tmp_path / 'cache'}", "preference.prompts=512",
+             "preference.samples_per_prompt=4", "trainer.max_steps=3", "trainer.warmup_steps=0",
+             "trainer.prompts_per_step=8", "trainer.logging_steps=1", "eval.enabled=false", "tracking.wandb=disabled"]
+    one = run_layout("one-process", tmp_path / "one", tmp_path, experiment="tdpo2", small=small)
+    ddp = run_layout("one-node", tmp_path / "ddp", tmp_path, experiment="tdpo2", small=small)
+    ref, got = steps(one), steps(ddp)
+    assert len(ref) == 3 and ref.keys() == got.keys()
+    for s, r in ref.items():
+        assert got[s]["train/loss"] == pytest.approx(r["train/loss"], abs=1e-6)
+        assert got[s]["train/grad_norm"] == pytest.approx(r["train/grad_norm"], rel=1e-5)
+    a, b = (load_file(d / "final" / "model.safetensors") for d in (one, ddp))
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], atol=1e-6, rtol=1e-5)
 
 
 def test_lora_under_zero3_saves_a_trained_adapter_that_exports(tmp_path):
