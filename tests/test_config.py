@@ -104,6 +104,9 @@ def test_impossible_combinations():
     assert p.startswith("trainer.prompts_per_step") and "gradient_accumulation_steps" in p
     (p,) = problems("objective.scope=global_batch", "trainer.selection_pass=never")
     assert p.startswith("trainer.selection_pass")
+    with pytest.raises(ConfigError, match="deepspeed.enabled: DeepSpeed runs the RL"):
+        compose(["+experiment=opd_all", "deepspeed=zero2"])
+    compose(["+experiment=tdpo2", "deepspeed=zero3"])  # token-level DPO runs under ZeRO
     with pytest.raises(ConfigError, match="trainer.sampler: hashed is implemented for the RL"):
         compose(["+experiment=dpo", "trainer.sampler=hashed"])
     (p,) = problems("model.attn_implementation=flash_attention_2")  # no flash-attn, no GPU on this machine

@@ -213,9 +213,10 @@ def _cross_checks(cfg: DictConfig, objective: objectives.Objective | None, probl
         problems.append(f"trainer.sampler: must be torch or hashed, got {cfg.trainer.sampler!r}")
     elif cfg.trainer.sampler == "hashed" and kind in ("distill", "preference"):
         problems.append(f"trainer.sampler: hashed is implemented for the RL (GRPO) trainer, not for {kind} objectives")
-    if cfg.deepspeed.enabled and kind in ("distill", "preference"):
-        problems.append(f"deepspeed.enabled: DeepSpeed runs the RL (GRPO) trainer; the {kind} trainer reads the "
-                        "LM-head weights directly, which ZeRO partitions (use torchrun/DDP for it)")
+    if cfg.deepspeed.enabled and kind == "distill":
+        problems.append("deepspeed.enabled: DeepSpeed runs the RL (GRPO) and token-level DPO trainers; the "
+                        "distillation trainer reads the LM-head weights directly, which ZeRO partitions (use "
+                        "torchrun/DDP for it)")
     if cfg.deepspeed.config_file and not Path(cfg.deepspeed.config_file).is_file():
         problems.append(f"deepspeed.config_file: no such file {cfg.deepspeed.config_file!r}")
     if cfg.trainer.save_total_limit is not None and cfg.trainer.save_total_limit < 2:

@@ -64,3 +64,15 @@ def _free_port() -> int:
 
 def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def full_copy(param: torch.Tensor) -> torch.Tensor:
+    """A detached tensor holding all of ``param``: itself, or under ZeRO-3 a gathered copy (a collective: every
+    rank calls it at the same point). For weights read outside their module's forward that need no gradient, such
+    as a frozen reference model's LM head whose logits the kernels recompute in the backward."""
+    if param.numel() > 0 or not hasattr(param, "ds_id"):
+        return param.detach()
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
+        return param.detach().clone()

@@ -33,6 +33,9 @@ from trl.trainer.dpo_trainer import DataCollatorForPreference
 import kernels
 from objectives import Objective, TokenBatch
 
+from .distributed import full_copy
+from .stats_head import call_as_forward
+
 WEIGHT_COLUMNS = ("chosen_token_weights", "rejected_token_weights")
 REWARD_COLUMNS = ("chosen_token_rewards", "rejected_token_rewards")
 TOKEN_COLUMNS = WEIGHT_COLUMNS + REWARD_COLUMNS
@@ -138,20 +141,27 @@ class TokenDPOTrainer(DPOTrainer):
         if self.ref_model is None:
             raise ValueError("token-level DPO needs an explicit reference model (ref_model=...)")
         ref_unwrapped = self.accelerator.unwrap_model(self.ref_model)
+        ref_head = ref_unwrapped.get_output_embeddings()
+        ref_weight = full_copy(ref_head.weight)  # ZeRO-3: gathered once, needed again by the KL's backward
+        ref_bias = None if ref_head.bias is None else full_copy(ref_head.bias)
         with torch.no_grad():
             h_ref = _backbone(ref_unwrapped, ids, attn)
-            ref_head = ref_unwrapped.get_output_embeddings()
-            ref_logp = kernels.token_stats(h_ref[:, :-1], ref_head.weight, targets, bias=ref_head.bias,
-                                           mask=mask).logp
+            ref_logp = kernels.token_stats(h_ref[:, :-1], ref_weight, targets, bias=ref_bias, mask=mask).logp
         # through the DDP/ZeRO wrapper's forward, so that gradient synchronisation is set up for the backward
         h = self._forward_redirection(model, unwrapped, _backbone, unwrapped, ids, attn)
         head = unwrapped.get_output_embeddings()
         kw = {}
         if with_kl:
-            kw = {"teacher_hidden": h_ref[:, :-1], "teacher_weight": ref_head.weight, "teacher_bias": ref_head.bias,
+            kw = {"teacher_hidden": h_ref[:, :-1], "teacher_weight": ref_weight, "teacher_bias": ref_bias,
                   "divergences": ("forward_kl",)}
-        st = kernels.token_stats(h[:, :-1], head.weight, targets, bias=head.bias, mask=mask, **kw)
-        return st.logp, ref_logp, st.forward_kl
+
+        def stats(hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+            st = kernels.token_stats(hidden, head.weight, targets, bias=head.bias, mask=mask, **kw)
+            return st.logp, st.forward_kl
+
+        # as the head's forward: ZeRO-3 gathers lm_head.weight around it and again for the backward
+        logp, kl = call_as_forward(head, stats, h[:, :-1])
+        return logp, ref_logp, kl
 
     def _compute_loss(self, model, inputs, return_outputs):
         mode = "train" if self.model.training else "eval"
