@@ -19,6 +19,14 @@ MARKER = "COMPLETE"
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 
 
+def write_atomic(path: Path, text: str) -> None:
+    """Write ``path`` through a temporary sibling and a rename: a reader, or a run killed mid-write, never sees half
+    a file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
 class MarkComplete(TrainerCallback):
     """Marks each checkpoint complete once every rank has written it."""
 
@@ -29,9 +37,7 @@ class MarkComplete(TrainerCallback):
             return
         directory = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         if directory.is_dir():
-            tmp = directory / f".{MARKER}.tmp"
-            tmp.write_text(json.dumps({"step": state.global_step}))
-            tmp.replace(directory / MARKER)
+            write_atomic(directory / MARKER, json.dumps({"step": state.global_step}))
 
 
 def last_complete(output_dir: Path | str) -> Path | None:
@@ -59,6 +65,4 @@ def truncate_metrics(path: Path, step: int) -> None:
             continue  # a line torn by the kill
         if row.get("step", 0) <= step:
             kept.append(line)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(line + "\n" for line in kept))
-    tmp.replace(path)
+    write_atomic(path, "".join(line + "\n" for line in kept))

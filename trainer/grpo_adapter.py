@@ -71,12 +71,11 @@ class TokenSelectiveGRPOTrainer(GRPOTrainer):
     # ---- rollout: add step-level state -------------------------------------------------------------------------
     def _generate_and_score_completions(self, inputs):
         acc = self.accelerator
-        if self.hashed_sampler is not None:  # rows are identified by their place in the gathered batch
-            first = acc.process_index * len(inputs)
-            self.hashed_sampler.begin(self.state.global_step, torch.arange(first, first + len(inputs)))
-        out = super()._generate_and_score_completions(inputs)
-        local_rows = out["completion_mask"].shape[0]
+        local_rows = len(inputs)  # one completion per row; this rank's slice starts at rank · rows
         first = acc.process_index * local_rows
+        if self.hashed_sampler is not None:  # rows are identified by their place in the gathered batch
+            self.hashed_sampler.begin(self.state.global_step, torch.arange(first, first + local_rows))
+        out = super()._generate_and_score_completions(inputs)
         out["rollout_ids"] = torch.arange(first, first + local_rows, device=out["completion_mask"].device)
         out["group_ids"] = out["rollout_ids"] // self.num_generations
         if self.domain_index:  # a fixed name -> int table, identical on every rank

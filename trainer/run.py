@@ -18,7 +18,7 @@ from omegaconf import OmegaConf
 from transformers import TrainerCallback
 from transformers.trainer_callback import ProgressCallback
 
-from .checkpoints import MarkComplete, checkpoint_step, last_complete, truncate_metrics
+from .checkpoints import MarkComplete, checkpoint_step, last_complete, truncate_metrics, write_atomic
 from .config import Resolved, selection_pass_enabled
 from .distill import TipDistillationTrainer
 from .distributed import deepspeed_config, full_weights, init_deepspeed, is_main_process, run_directory, world_size
@@ -41,9 +41,7 @@ def seed_everything(seed: int) -> None:
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    tmp.replace(path)  # atomic: readers never see half a file
+    write_atomic(path, json.dumps(data, indent=2))
 
 
 def run(resolved: Resolved) -> dict[str, Any]:

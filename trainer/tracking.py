@@ -16,6 +16,8 @@ from typing import Any
 from transformers import TrainerCallback
 from transformers.trainer_callback import ProgressCallback
 
+from .checkpoints import write_atomic
+
 
 def wandb_mode(setting: str) -> str:
     """auto -> online when an API key is configured (env or ~/.netrc), else offline."""
@@ -41,9 +43,7 @@ def init_wandb(run_dir: Path, setting: str, project: str, entity: str | None, na
     run_id = id_file.read_text().strip() if id_file.exists() else ""
     if not run_id:  # absent, or emptied by a kill before the first write finished
         run_id = secrets.token_hex(4)
-        tmp = id_file.with_suffix(".tmp")
-        tmp.write_text(run_id)
-        tmp.replace(id_file)
+        write_atomic(id_file, run_id)
     return wandb.init(
         project=project,
         entity=entity,
